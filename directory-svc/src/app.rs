@@ -1,0 +1,95 @@
+//! Starting and stopping the server: bind first (so tests can use port 0 and read the port),
+//! open the database and run migrations, then serve until a shutdown signal, draining
+//! in-flight calls.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use contract::directory::v1::directory_service_server::{DirectoryServiceServer, SERVICE_NAME};
+use contract::paging::PageTokens;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::Config;
+use crate::domain::Service;
+use crate::domain::passwords::Passwords;
+use crate::domain::tokens::Tokens;
+use crate::store::SqlStore;
+use crate::transport::DirectoryApi;
+
+/// Largest request the server decodes.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// A bound, ready-to-serve directory-svc.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    api: DirectoryApi,
+    config: Config,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        let pool = contract::db::connect(&config.database_url, &config.pool).await?;
+        let store = SqlStore::new(pool)
+            .await
+            .context("cannot migrate the database")?;
+        let token_key = contract::db::secret(store.pool(), "access-token-key").await?;
+        let page_key = contract::db::secret(store.pool(), "page-token-key").await?;
+        let service = Service::new(
+            Arc::new(store),
+            Passwords::new(config.argon2)?,
+            Tokens::new(&token_key, config.token_ttl),
+            PageTokens::new(&page_key),
+        );
+        Ok(Self {
+            listener,
+            local_addr,
+            api: DirectoryApi::new(Arc::new(service)),
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then reports NOT_SERVING, stops accepting and
+    /// drains in-flight calls (at most the configured drain time).
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let (health, health_service) = contract::rpc::health(SERVICE_NAME).await;
+        let service =
+            DirectoryServiceServer::new(self.api).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
+            .layer(contract::rpc::RpcTraceLayer)
+            .add_service(health_service)
+            .add_service(contract::rpc::reflection_v1()?)
+            .add_service(contract::rpc::reflection_v1alpha()?)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
+                let _ = stop_rx.await;
+            });
+        tracing::info!(addr = %self.local_addr, "directory-svc serving");
+        tokio::pin!(server);
+        tokio::select! {
+            result = &mut server => return result.context("server failed"),
+            () = shutdown => {}
+        }
+        tracing::info!("shutting down: draining in-flight calls");
+        contract::rpc::set_not_serving(&health, SERVICE_NAME).await;
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(self.config.drain, server).await {
+            Ok(result) => result.context("server failed while draining")?,
+            Err(_) => tracing::warn!("drain time exceeded; exiting with calls in flight"),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! Command-line flags (each with an environment variable) and the settings they produce.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use contract::db::PoolSettings;
+
+use crate::domain::passwords::Argon2Cost;
+
+/// directory-svc: directories (tenants), users, organizational roles and sign-in over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "directory-svc", version, about)]
+pub struct Cli {
+    /// Address to listen on for gRPC.
+    #[arg(long, env = "DIRECTORY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Database URL: sqlite://PATH (created on first start) or postgres://USER@HOST/DB.
+    #[arg(
+        long,
+        env = "DIRECTORY_DATABASE_URL",
+        default_value = "sqlite://data/directory.db"
+    )]
+    pub database_url: String,
+
+    /// Largest number of open database connections.
+    #[arg(long, env = "DIRECTORY_DB_MAX_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_max_connections: u32,
+
+    /// How long a call waits for a database connection, in seconds.
+    #[arg(long, env = "DIRECTORY_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub db_acquire_timeout_secs: u64,
+
+    /// Lifetime of access tokens, in seconds.
+    #[arg(long, env = "DIRECTORY_TOKEN_TTL_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub token_ttl_secs: u64,
+
+    /// argon2id memory cost in KiB (OWASP: 19456).
+    #[arg(long, env = "DIRECTORY_ARGON2_MEMORY_KIB", default_value_t = 19_456, value_parser = clap::value_parser!(u32).range(8..=4_194_304))]
+    pub argon2_memory_kib: u32,
+
+    /// argon2id iterations (OWASP: 2).
+    #[arg(long, env = "DIRECTORY_ARGON2_ITERATIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub argon2_iterations: u32,
+
+    /// How long SIGTERM waits for in-flight calls before exiting anyway, in seconds.
+    #[arg(long, env = "DIRECTORY_DRAIN_SECS", default_value_t = 20)]
+    pub drain_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "DIRECTORY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub pool: PoolSettings,
+    pub token_ttl: Duration,
+    pub argon2: Argon2Cost,
+    pub drain: Duration,
+}
+
+impl Config {
+    /// Settings for `database_url` with every other value at its default.
+    pub fn new(listen: SocketAddr, database_url: impl Into<String>) -> Self {
+        Self {
+            listen,
+            database_url: database_url.into(),
+            pool: PoolSettings::default(),
+            token_ttl: Duration::from_secs(3600),
+            argon2: Argon2Cost::default(),
+            drain: Duration::from_secs(20),
+        }
+    }
+}
+
+impl From<&Cli> for Config {
+    fn from(cli: &Cli) -> Self {
+        Self {
+            listen: cli.listen,
+            database_url: cli.database_url.clone(),
+            pool: PoolSettings {
+                max_connections: cli.db_max_connections,
+                acquire_timeout: Duration::from_secs(cli.db_acquire_timeout_secs),
+            },
+            token_ttl: Duration::from_secs(cli.token_ttl_secs),
+            argon2: Argon2Cost {
+                memory_kib: cli.argon2_memory_kib,
+                iterations: cli.argon2_iterations,
+                parallelism: 1,
+            },
+            drain: Duration::from_secs(cli.drain_secs),
+        }
+    }
+}

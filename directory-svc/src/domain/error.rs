@@ -1,0 +1,85 @@
+//! The one error type of directory-svc. The transport maps each variant to a gRPC status in
+//! one exhaustive match; `Internal` is logged there and answered with a generic message.
+
+use contract::fields::Violation;
+use contract::paging::PageTokenError;
+
+/// A resource whose absence (or invisibility) is reported as NOT_FOUND.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    Directory,
+    User,
+}
+
+/// Why a signed-in caller may not do what they asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// Managing users needs Global or User Administrator.
+    NeedsUserManager,
+    /// Granting roles at user creation needs Global Administrator.
+    NeedsGlobalAdministratorToGrant,
+    /// Changing roles needs Global Administrator.
+    NeedsGlobalAdministrator,
+    /// A User Administrator cannot delete a user holding any role.
+    TargetHoldsRoles,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}", contract::rpc::violations_message(.0))]
+    InvalidArgument(Vec<Violation>),
+    #[error("{0}")]
+    InvalidPageToken(PageTokenError),
+    /// No bearer token in the request.
+    #[error(
+        "missing bearer token: send metadata 'authorization: Bearer <access_token>' from SignIn"
+    )]
+    MissingToken,
+    /// A token that is malformed, badly signed, expired, or whose user no longer exists.
+    #[error("access token is invalid or expired")]
+    InvalidToken,
+    /// Unknown UPN or wrong password: indistinguishable on purpose.
+    #[error("incorrect user principal name or password")]
+    BadCredentials,
+    #[error("{}", denied_message(*.0))]
+    PermissionDenied(Denied),
+    #[error("{} not found", match .0 { Resource::Directory => "directory", Resource::User => "user" })]
+    NotFound(Resource),
+    #[error("domain prefix '{0}' is already taken")]
+    DomainTaken(String),
+    #[error("user principal name '{0}' is already taken")]
+    UpnTaken(String),
+    #[error("the directory must keep at least one Global Administrator")]
+    LastGlobalAdministrator,
+    #[error("a Global Administrator cannot remove that role from themself")]
+    SelfDemotion,
+    /// The database cannot be reached right now; the caller may retry.
+    #[error("the directory's database is unavailable; retry later")]
+    Unavailable(#[source] anyhow::Error),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+fn denied_message(denied: Denied) -> &'static str {
+    match denied {
+        Denied::NeedsUserManager => "requires the Global Administrator or User Administrator role",
+        Denied::NeedsGlobalAdministratorToGrant => {
+            "granting roles requires the Global Administrator role"
+        }
+        Denied::NeedsGlobalAdministrator => "requires the Global Administrator role",
+        Denied::TargetHoldsRoles => "a User Administrator cannot delete a user who holds a role",
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Error::Unavailable(anyhow::Error::new(err).context("database"))
+            }
+            other => Error::Internal(anyhow::Error::new(other).context("database")),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,331 @@
+//! The rules of the directory: who may do what, and what each operation means. No tonic or
+//! prost type appears here; the transport converts requests into the validated types of
+//! [`types`] and maps [`Error`] to statuses.
+
+pub mod error;
+pub mod model;
+pub mod passwords;
+pub mod tokens;
+pub mod types;
+
+use std::sync::Arc;
+
+use contract::fields::Violation;
+use contract::paging::PageTokens;
+
+pub use error::{Denied, Error, Resource, Result};
+use model::{Decision, Directory, SignedIn, User, UserPage};
+use passwords::Passwords;
+use tokens::{TokenSubject, Tokens};
+use types::{
+    Action, ListUsersQuery, NewDirectory, NewUser, Password, Role, RoleSet, Upn, UserLookup,
+};
+
+use crate::store::{DirectoryStore, StoreError};
+
+/// The page-token list name of ListUsers.
+const LIST_USERS: &str = "directory.v1.DirectoryService/ListUsers";
+
+/// Roles that may create and delete users.
+const USER_MANAGERS: &[Role] = &[Role::GlobalAdministrator, Role::UserAdministrator];
+
+/// The directory's operations. Every method but sign-up and sign-in takes the authenticated
+/// caller, as loaded from the store for this call.
+pub struct Service {
+    store: Arc<dyn DirectoryStore>,
+    passwords: Passwords,
+    tokens: Tokens,
+    pages: PageTokens,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").finish_non_exhaustive()
+    }
+}
+
+fn internal(err: StoreError) -> Error {
+    match err {
+        StoreError::Backend(e) => Error::from(e),
+        other => Error::Internal(anyhow::anyhow!("unexpected store outcome: {other}")),
+    }
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+impl Service {
+    pub fn new(
+        store: Arc<dyn DirectoryStore>,
+        passwords: Passwords,
+        tokens: Tokens,
+        pages: PageTokens,
+    ) -> Self {
+        Self {
+            store,
+            passwords,
+            tokens,
+            pages,
+        }
+    }
+
+    /// Sign-up: a directory `<prefix>.onmicrosoft.com` and its first Global Administrator.
+    pub async fn create_directory(&self, new: NewDirectory) -> Result<(Directory, User)> {
+        let now = contract::time::now_micros();
+        let directory = Directory {
+            id: new_id(),
+            display_name: new.display_name,
+            domain_prefix: new.domain_prefix.as_str().to_owned(),
+            initial_domain: new.domain_prefix.initial_domain(),
+            create_time: now,
+        };
+        let admin = User {
+            id: new_id(),
+            directory_id: directory.id.clone(),
+            upn: new
+                .admin_user_name
+                .at(&directory.initial_domain)
+                .as_str()
+                .to_owned(),
+            display_name: new.admin_display_name,
+            roles: RoleSet::of([Role::GlobalAdministrator]),
+            create_time: now,
+        };
+        let hash = self.passwords.hash(new.admin_password).await?;
+        match self.store.create_directory(&directory, &admin, &hash).await {
+            Ok(()) => Ok((directory, admin)),
+            Err(StoreError::DomainTaken) => Err(Error::DomainTaken(directory.domain_prefix)),
+            Err(StoreError::UpnTaken) => Err(Error::UpnTaken(admin.upn)),
+            Err(other) => Err(internal(other)),
+        }
+    }
+
+    /// A token for the user whose UPN and password these are. Unknown users and wrong
+    /// passwords fail the same way, in about the same time.
+    pub async fn sign_in(&self, upn: Upn, password: Password) -> Result<SignedIn> {
+        let found = self.store.credentials(&upn.key()).await.map_err(internal)?;
+        let (user, hash) = match found {
+            Some((user, hash)) => (Some(user), Some(hash)),
+            None => (None, None),
+        };
+        let matches = self.passwords.verify(password, hash).await?;
+        let user = match user {
+            Some(user) if matches => user,
+            _ => return Err(Error::BadCredentials),
+        };
+        let now_secs = contract::time::now_micros() / 1_000_000;
+        let subject = TokenSubject {
+            user_id: user.id.clone(),
+            directory_id: user.directory_id.clone(),
+        };
+        let (access_token, exp) = self
+            .tokens
+            .issue(&subject, now_secs)
+            .map_err(Error::Internal)?;
+        Ok(SignedIn {
+            access_token,
+            expire_time: exp.saturating_mul(1_000_000),
+            user,
+        })
+    }
+
+    /// The user a bearer token names, as stored now. A deleted user's token fails here.
+    pub async fn authenticate(&self, bearer: Option<&str>) -> Result<User> {
+        let token = bearer.ok_or(Error::MissingToken)?;
+        let subject = self.tokens.verify(token).ok_or(Error::InvalidToken)?;
+        match self.store.user(&subject.user_id).await.map_err(internal)? {
+            Some(user) if user.directory_id == subject.directory_id => Ok(user),
+            _ => Err(Error::InvalidToken),
+        }
+    }
+
+    async fn own_directory(&self, caller: &User) -> Result<Directory> {
+        self.store
+            .directory(&caller.directory_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("the caller's directory is missing")))
+    }
+
+    pub async fn who_am_i(&self, caller: User) -> Result<(User, Directory)> {
+        let directory = self.own_directory(&caller).await?;
+        Ok((caller, directory))
+    }
+
+    /// The caller's own directory; any other id answers as a missing one.
+    pub async fn get_directory(&self, caller: &User, id: uuid::Uuid) -> Result<Directory> {
+        if id.to_string() != caller.directory_id {
+            return Err(Error::NotFound(Resource::Directory));
+        }
+        self.own_directory(caller).await
+    }
+
+    pub async fn create_user(&self, caller: &User, new: NewUser) -> Result<User> {
+        if !caller.roles.any_of(USER_MANAGERS) {
+            return Err(Error::PermissionDenied(Denied::NeedsUserManager));
+        }
+        if !new.roles.is_empty() && !caller.roles.contains(Role::GlobalAdministrator) {
+            return Err(Error::PermissionDenied(
+                Denied::NeedsGlobalAdministratorToGrant,
+            ));
+        }
+        let directory = self.own_directory(caller).await?;
+        if new.upn.domain() != directory.initial_domain {
+            return Err(Error::InvalidArgument(vec![Violation::new(
+                "user_principal_name",
+                format!(
+                    "the domain must be the directory's domain {}",
+                    directory.initial_domain
+                ),
+            )]));
+        }
+        let user = User {
+            id: new_id(),
+            directory_id: directory.id,
+            upn: new.upn.as_str().to_owned(),
+            display_name: new.display_name,
+            roles: new.roles,
+            create_time: contract::time::now_micros(),
+        };
+        let hash = self.passwords.hash(new.password).await?;
+        match self.store.insert_user(&user, &hash).await {
+            Ok(()) => Ok(user),
+            Err(StoreError::UpnTaken) => Err(Error::UpnTaken(user.upn)),
+            Err(other) => Err(internal(other)),
+        }
+    }
+
+    /// A user of the caller's directory; users of other directories answer as missing ones.
+    pub async fn get_user(&self, caller: &User, lookup: UserLookup) -> Result<User> {
+        let found = match lookup {
+            UserLookup::Id(id) => self.store.user(&id.to_string()).await,
+            UserLookup::Upn(upn) => self.store.user_by_upn(&upn.key()).await,
+        }
+        .map_err(internal)?;
+        found
+            .filter(|user| user.directory_id == caller.directory_id)
+            .ok_or(Error::NotFound(Resource::User))
+    }
+
+    /// A page of the caller's directory's users, ordered by UPN.
+    pub async fn list_users(&self, caller: &User, query: ListUsersQuery) -> Result<UserPage> {
+        let (mask, filter) = match query.role {
+            Some(role) => (
+                RoleSet::mask_of(role),
+                format!("role={}", RoleSet::mask_of(role)),
+            ),
+            None => (0, String::new()),
+        };
+        let after = if query.page_token.is_empty() {
+            String::new()
+        } else {
+            self.pages
+                .open(&query.page_token, LIST_USERS, &caller.directory_id, &filter)
+                .map_err(Error::InvalidPageToken)?
+        };
+        let mut users = self
+            .store
+            .list_users(&caller.directory_id, mask, &after, query.page_size + 1)
+            .await
+            .map_err(internal)?;
+        let more = users.len() > query.page_size as usize;
+        users.truncate(query.page_size as usize);
+        let next_page_token = match users.last() {
+            Some(last) if more => {
+                self.pages
+                    .issue(LIST_USERS, &caller.directory_id, &filter, &last.upn_key())
+            }
+            _ => String::new(),
+        };
+        Ok(UserPage {
+            users,
+            next_page_token,
+        })
+    }
+
+    /// Replaces a user's roles (Global Administrator only).
+    pub async fn set_user_roles(
+        &self,
+        caller: &User,
+        id: uuid::Uuid,
+        roles: RoleSet,
+    ) -> Result<User> {
+        if !caller.roles.contains(Role::GlobalAdministrator) {
+            return Err(Error::PermissionDenied(Denied::NeedsGlobalAdministrator));
+        }
+        let id = id.to_string();
+        if id == caller.id && !roles.contains(Role::GlobalAdministrator) {
+            return Err(Error::SelfDemotion);
+        }
+        self.store
+            .set_roles(&caller.directory_id, &id, roles)
+            .await
+            .map_err(|e| match e {
+                StoreError::UserNotFound => Error::NotFound(Resource::User),
+                StoreError::LastGlobalAdministrator => Error::LastGlobalAdministrator,
+                other => internal(other),
+            })
+    }
+
+    /// Deletes a user (Global or User Administrator; a User Administrator only users without
+    /// roles). Their tokens stop working at once, since every call reloads the user.
+    pub async fn delete_user(&self, caller: &User, id: uuid::Uuid) -> Result<()> {
+        if !caller.roles.any_of(USER_MANAGERS) {
+            return Err(Error::PermissionDenied(Denied::NeedsUserManager));
+        }
+        let only_without_roles = !caller.roles.contains(Role::GlobalAdministrator);
+        self.store
+            .delete_user(&caller.directory_id, &id.to_string(), only_without_roles)
+            .await
+            .map_err(|e| match e {
+                StoreError::UserNotFound => Error::NotFound(Resource::User),
+                StoreError::HasRoles => Error::PermissionDenied(Denied::TargetHoldsRoles),
+                StoreError::LastGlobalAdministrator => Error::LastGlobalAdministrator,
+                other => internal(other),
+            })
+    }
+
+    /// Whether the caller may do `action`, from their roles as stored now.
+    pub fn authorize(&self, caller: User, action: Action) -> Decision {
+        let needed: &[Role] = match action {
+            Action::PurchaseSubscription | Action::ManageSubscriptions => {
+                &[Role::GlobalAdministrator, Role::BillingAdministrator]
+            }
+            Action::ManageUsers => USER_MANAGERS,
+            Action::ReadSubscriptions => &[],
+        };
+        let granted_by = needed.iter().find(|&&r| caller.roles.contains(r));
+        let (allowed, reason) = match (needed.is_empty(), granted_by) {
+            (true, _) => (true, "every user of the directory may".to_owned()),
+            (false, Some(role)) => (true, format!("granted by the {} role", role_name(*role))),
+            (false, None) => (
+                false,
+                format!(
+                    "requires one of the roles: {}",
+                    needed
+                        .iter()
+                        .map(|r| role_name(*r))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+        };
+        Decision {
+            allowed,
+            user: caller,
+            reason,
+        }
+    }
+}
+
+/// A role's name as people read it.
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::GlobalAdministrator => "Global Administrator",
+        Role::BillingAdministrator => "Billing Administrator",
+        Role::UserAdministrator => "User Administrator",
+        Role::PasswordAdministrator => "Password Administrator",
+        Role::ServiceAdministrator => "Service Administrator",
+    }
+}

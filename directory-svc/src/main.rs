@@ -1,0 +1,23 @@
+use clap::Parser as _;
+use directory_svc::config::{Cli, LogFormat};
+use directory_svc::{Application, Config};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    contract::rpc::init_tracing(cli.log_format == LogFormat::Json);
+    let run = async {
+        let app = Application::build(Config::from(&cli)).await?;
+        app.run_until(contract::rpc::shutdown_signal()).await
+    };
+    match run.await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(
+                error = format!("{err:#}"),
+                "directory-svc stopped with an error"
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

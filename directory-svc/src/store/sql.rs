@@ -1,0 +1,268 @@
+//! [`DirectoryStore`] over sqlx's `Any` driver: one set of SQL for SQLite and PostgreSQL.
+
+use async_trait::async_trait;
+use sqlx::any::AnyRow;
+use sqlx::{AnyPool, Row as _};
+
+use super::{DirectoryStore, StoreError};
+use crate::domain::model::{Directory, User};
+use crate::domain::types::{Role, RoleSet};
+
+/// Migrations embedded in the binary, run at start.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+}
+
+impl SqlStore {
+    /// Wraps an open pool and brings its schema up to date.
+    pub async fn new(pool: AnyPool) -> anyhow::Result<Self> {
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+}
+
+fn user_from_row(row: &AnyRow) -> Result<User, sqlx::Error> {
+    Ok(User {
+        id: row.try_get("id")?,
+        directory_id: row.try_get("directory_id")?,
+        upn: row.try_get("upn")?,
+        display_name: row.try_get("display_name")?,
+        roles: RoleSet::from_bits(row.try_get("roles")?),
+        create_time: row.try_get("create_time")?,
+    })
+}
+
+fn directory_from_row(row: &AnyRow) -> Result<Directory, sqlx::Error> {
+    Ok(Directory {
+        id: row.try_get("id")?,
+        display_name: row.try_get("display_name")?,
+        domain_prefix: row.try_get("domain_prefix")?,
+        initial_domain: row.try_get("initial_domain")?,
+        create_time: row.try_get("create_time")?,
+    })
+}
+
+fn on_unique(err: sqlx::Error, conflict: StoreError) -> StoreError {
+    if contract::db::is_unique_violation(&err) {
+        conflict
+    } else {
+        StoreError::Backend(err)
+    }
+}
+
+const GLOBAL_ADMINS: &str =
+    "SELECT COUNT(*) FROM users WHERE directory_id = $1 AND (roles & $2) <> 0";
+
+/// Serialises writers of one directory: the first statement of a role-changing transaction.
+/// On PostgreSQL it takes the directory's row lock; on SQLite any write takes the database's
+/// write lock, so the transaction never has to upgrade a read lock.
+const LOCK_DIRECTORY: &str = "UPDATE directories SET lock_version = lock_version + 1 WHERE id = $1";
+
+async fn global_admins(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    directory_id: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(GLOBAL_ADMINS)
+        .bind(directory_id)
+        .bind(RoleSet::mask_of(Role::GlobalAdministrator))
+        .fetch_one(&mut **tx)
+        .await
+}
+
+#[async_trait]
+impl DirectoryStore for SqlStore {
+    async fn create_directory(
+        &self,
+        directory: &Directory,
+        admin: &User,
+        password_hash: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO directories (id, display_name, domain_prefix, initial_domain, create_time, lock_version) \
+             VALUES ($1, $2, $3, $4, $5, 0)",
+        )
+        .bind(&directory.id)
+        .bind(&directory.display_name)
+        .bind(&directory.domain_prefix)
+        .bind(&directory.initial_domain)
+        .bind(directory.create_time)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| on_unique(e, StoreError::DomainTaken))?;
+        insert_user(&mut tx, admin, password_hash).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn directory(&self, id: &str) -> Result<Option<Directory>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, display_name, domain_prefix, initial_domain, create_time FROM directories WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(directory_from_row).transpose()?)
+    }
+
+    async fn user(&self, id: &str) -> Result<Option<User>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, directory_id, upn, display_name, roles, create_time FROM users WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(user_from_row).transpose()?)
+    }
+
+    async fn user_by_upn(&self, upn_key: &str) -> Result<Option<User>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, directory_id, upn, display_name, roles, create_time FROM users WHERE upn_key = $1",
+        )
+        .bind(upn_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(user_from_row).transpose()?)
+    }
+
+    async fn credentials(&self, upn_key: &str) -> Result<Option<(User, String)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, directory_id, upn, display_name, roles, create_time, password_hash FROM users WHERE upn_key = $1",
+        )
+        .bind(upn_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => Ok(Some((user_from_row(&row)?, row.try_get("password_hash")?))),
+        }
+    }
+
+    async fn insert_user(&self, user: &User, password_hash: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        insert_user(&mut tx, user, password_hash).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_users(
+        &self,
+        directory_id: &str,
+        role_mask: i64,
+        after_key: &str,
+        limit: u32,
+    ) -> Result<Vec<User>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, directory_id, upn, display_name, roles, create_time FROM users \
+             WHERE directory_id = $1 AND upn_key > $2 AND ($3 = 0 OR (roles & $3) <> 0) \
+             ORDER BY upn_key LIMIT $4",
+        )
+        .bind(directory_id)
+        .bind(after_key)
+        .bind(role_mask)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(user_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn set_roles(
+        &self,
+        directory_id: &str,
+        user_id: &str,
+        roles: RoleSet,
+    ) -> Result<User, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(LOCK_DIRECTORY)
+            .bind(directory_id)
+            .execute(&mut *tx)
+            .await?;
+        let updated =
+            sqlx::query("UPDATE users SET roles = $1 WHERE id = $2 AND directory_id = $3")
+                .bind(roles.bits())
+                .bind(user_id)
+                .bind(directory_id)
+                .execute(&mut *tx)
+                .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StoreError::UserNotFound);
+        }
+        if global_admins(&mut tx, directory_id).await? == 0 {
+            return Err(StoreError::LastGlobalAdministrator);
+        }
+        let row = sqlx::query(
+            "SELECT id, directory_id, upn, display_name, roles, create_time FROM users WHERE id = $1",
+        )
+        .bind(user_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let user = user_from_row(&row)?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    async fn delete_user(
+        &self,
+        directory_id: &str,
+        user_id: &str,
+        only_without_roles: bool,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(LOCK_DIRECTORY)
+            .bind(directory_id)
+            .execute(&mut *tx)
+            .await?;
+        let roles: Option<i64> =
+            sqlx::query_scalar("SELECT roles FROM users WHERE id = $1 AND directory_id = $2")
+                .bind(user_id)
+                .bind(directory_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(roles) = roles else {
+            return Err(StoreError::UserNotFound);
+        };
+        if only_without_roles && !RoleSet::from_bits(roles).is_empty() {
+            return Err(StoreError::HasRoles);
+        }
+        sqlx::query("DELETE FROM users WHERE id = $1 AND directory_id = $2")
+            .bind(user_id)
+            .bind(directory_id)
+            .execute(&mut *tx)
+            .await?;
+        if global_admins(&mut tx, directory_id).await? == 0 {
+            return Err(StoreError::LastGlobalAdministrator);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn insert_user(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    user: &User,
+    password_hash: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO users (id, directory_id, upn, upn_key, display_name, password_hash, roles, create_time) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&user.id)
+    .bind(&user.directory_id)
+    .bind(&user.upn)
+    .bind(user.upn_key())
+    .bind(&user.display_name)
+    .bind(password_hash)
+    .bind(user.roles.bits())
+    .bind(user.create_time)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| on_unique(e, StoreError::UpnTaken))?;
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! The gRPC edge of directory-svc. Each handler reads as a sentence: authenticate, convert
+//! (validating every field), call the domain, map the error. Only this module knows tonic
+//! and prost types.
+
+mod convert;
+mod status;
+
+use std::sync::Arc;
+
+use contract::directory::v1 as pb;
+use contract::rpc::bearer_token;
+use tonic::{Request, Response, Status};
+
+use crate::domain::Service;
+use crate::domain::model::User;
+pub use status::{ERROR_DOMAIN, to_status};
+
+/// `directory.v1.DirectoryService` over the domain [`Service`].
+#[derive(Debug, Clone)]
+pub struct DirectoryApi {
+    service: Arc<Service>,
+}
+
+impl DirectoryApi {
+    pub fn new(service: Arc<Service>) -> Self {
+        Self { service }
+    }
+
+    async fn caller<T>(&self, request: &Request<T>) -> Result<User, Status> {
+        self.service
+            .authenticate(bearer_token(request))
+            .await
+            .map_err(to_status)
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl pb::directory_service_server::DirectoryService for DirectoryApi {
+    async fn create_directory(
+        &self,
+        request: Request<pb::CreateDirectoryRequest>,
+    ) -> Reply<pb::CreateDirectoryResponse> {
+        let new = convert::new_directory(request.into_inner()).map_err(to_status)?;
+        let (directory, admin) = self
+            .service
+            .create_directory(new)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CreateDirectoryResponse {
+            directory: Some(convert::directory(directory)),
+            admin: Some(convert::user(admin)),
+        }))
+    }
+
+    async fn sign_in(&self, request: Request<pb::SignInRequest>) -> Reply<pb::SignInResponse> {
+        let (upn, password) = convert::sign_in(request.into_inner()).map_err(to_status)?;
+        let signed_in = self
+            .service
+            .sign_in(upn, password)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SignInResponse {
+            access_token: signed_in.access_token,
+            expire_time: Some(contract::time::timestamp(signed_in.expire_time)),
+            user: Some(convert::user(signed_in.user)),
+        }))
+    }
+
+    async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Reply<pb::WhoAmIResponse> {
+        let caller = self.caller(&request).await?;
+        let (user, directory) = self.service.who_am_i(caller).await.map_err(to_status)?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            user: Some(convert::user(user)),
+            directory: Some(convert::directory(directory)),
+        }))
+    }
+
+    async fn get_directory(
+        &self,
+        request: Request<pb::GetDirectoryRequest>,
+    ) -> Reply<pb::Directory> {
+        let caller = self.caller(&request).await?;
+        let id = convert::get_directory(request.into_inner()).map_err(to_status)?;
+        let directory = self
+            .service
+            .get_directory(&caller, id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(convert::directory(directory)))
+    }
+
+    async fn create_user(&self, request: Request<pb::CreateUserRequest>) -> Reply<pb::User> {
+        let caller = self.caller(&request).await?;
+        let new = convert::new_user(request.into_inner()).map_err(to_status)?;
+        let user = self
+            .service
+            .create_user(&caller, new)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(convert::user(user)))
+    }
+
+    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Reply<pb::User> {
+        let caller = self.caller(&request).await?;
+        let lookup = convert::get_user(request.into_inner()).map_err(to_status)?;
+        let user = self
+            .service
+            .get_user(&caller, lookup)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(convert::user(user)))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Reply<pb::ListUsersResponse> {
+        let caller = self.caller(&request).await?;
+        let query = convert::list_users(request.into_inner()).map_err(to_status)?;
+        let page = self
+            .service
+            .list_users(&caller, query)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListUsersResponse {
+            users: page.users.into_iter().map(convert::user).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn set_user_roles(&self, request: Request<pb::SetUserRolesRequest>) -> Reply<pb::User> {
+        let caller = self.caller(&request).await?;
+        let (id, roles) = convert::set_user_roles(request.into_inner()).map_err(to_status)?;
+        let user = self
+            .service
+            .set_user_roles(&caller, id, roles)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(convert::user(user)))
+    }
+
+    async fn delete_user(&self, request: Request<pb::DeleteUserRequest>) -> Reply<()> {
+        let caller = self.caller(&request).await?;
+        let id = convert::delete_user(request.into_inner()).map_err(to_status)?;
+        self.service
+            .delete_user(&caller, id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn authorize(
+        &self,
+        request: Request<pb::AuthorizeRequest>,
+    ) -> Reply<pb::AuthorizeResponse> {
+        let caller = self.caller(&request).await?;
+        let action = convert::authorize(request.into_inner()).map_err(to_status)?;
+        let decision = self.service.authorize(caller, action);
+        Ok(Response::new(convert::decision(decision)))
+    }
+}

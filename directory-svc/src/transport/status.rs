@@ -1,0 +1,58 @@
+//! The one mapping from [`Error`] to `tonic::Status`: code, ErrorInfo reason, BadRequest.
+
+use contract::fields::Violation;
+use contract::rpc::status;
+use tonic::{Code, Status};
+
+use crate::domain::{Denied, Error, Resource};
+
+/// `google.rpc.ErrorInfo.domain` of every error this service sends.
+pub const ERROR_DOMAIN: &str = "directory-svc";
+
+pub fn to_status(err: Error) -> Status {
+    let message = err.to_string();
+    let (code, reason, violations) = match &err {
+        Error::InvalidArgument(violations) => (
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+            violations.clone(),
+        ),
+        Error::InvalidPageToken(why) => (
+            Code::InvalidArgument,
+            "INVALID_PAGE_TOKEN",
+            vec![Violation::new("page_token", why.to_string())],
+        ),
+        Error::MissingToken => (Code::Unauthenticated, "MISSING_TOKEN", vec![]),
+        Error::InvalidToken => (Code::Unauthenticated, "INVALID_TOKEN", vec![]),
+        Error::BadCredentials => (Code::Unauthenticated, "INVALID_CREDENTIALS", vec![]),
+        Error::PermissionDenied(denied) => {
+            let reason = match denied {
+                Denied::NeedsUserManager => "USER_ADMINISTRATOR_REQUIRED",
+                Denied::NeedsGlobalAdministratorToGrant | Denied::NeedsGlobalAdministrator => {
+                    "GLOBAL_ADMINISTRATOR_REQUIRED"
+                }
+                Denied::TargetHoldsRoles => "TARGET_HOLDS_ROLES",
+            };
+            (Code::PermissionDenied, reason, vec![])
+        }
+        Error::NotFound(Resource::Directory) => (Code::NotFound, "DIRECTORY_NOT_FOUND", vec![]),
+        Error::NotFound(Resource::User) => (Code::NotFound, "USER_NOT_FOUND", vec![]),
+        Error::DomainTaken(_) => (Code::AlreadyExists, "DOMAIN_PREFIX_TAKEN", vec![]),
+        Error::UpnTaken(_) => (Code::AlreadyExists, "USER_PRINCIPAL_NAME_TAKEN", vec![]),
+        Error::LastGlobalAdministrator => (
+            Code::FailedPrecondition,
+            "LAST_GLOBAL_ADMINISTRATOR",
+            vec![],
+        ),
+        Error::SelfDemotion => (Code::FailedPrecondition, "SELF_DEMOTION", vec![]),
+        Error::Unavailable(source) => {
+            tracing::warn!(error = format!("{source:#}"), "database unavailable");
+            (Code::Unavailable, "DATABASE_UNAVAILABLE", vec![])
+        }
+        Error::Internal(source) => {
+            tracing::error!(error = format!("{source:#}"), "internal error");
+            (Code::Internal, "INTERNAL", vec![])
+        }
+    };
+    status(ERROR_DOMAIN, code, reason, message, &violations)
+}

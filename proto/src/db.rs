@@ -1,0 +1,167 @@
+//! Opening a service's own database: embedded SQLite (the default) or PostgreSQL, through
+//! sqlx's `Any` driver so both run the same queries and the same migrations.
+//!
+//! SQL written for both engines uses `$n` placeholders (SQLite accepts them), BIGINT for
+//! integers and times, TEXT for ids and strings, and no engine-only syntax.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, ConnectOptions as _, Executor as _};
+
+/// Which engine a database URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl Engine {
+    pub fn of(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            anyhow::bail!("database URL must start with sqlite:// or postgres://")
+        }
+    }
+}
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Opens the pool, creating an SQLite file (and its folder) on first start, with WAL and
+/// full synchronous commits so an acknowledged write survives a crash.
+pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<AnyPool> {
+    sqlx::any::install_default_drivers();
+    let engine = Engine::of(url)?;
+    let url = match engine {
+        Engine::Sqlite => sqlite_url(url)?,
+        Engine::Postgres => url.to_owned(),
+    };
+    let options = AnyConnectOptions::from_str(&url)
+        .context("database URL is not valid")?
+        .disable_statement_logging();
+
+    if engine == Engine::Sqlite {
+        // The journal mode is a property of the file: set it once, before the pool opens.
+        let mut conn = options
+            .connect()
+            .await
+            .context("cannot open the SQLite database")?;
+        conn.execute("PRAGMA journal_mode = WAL")
+            .await
+            .context("cannot switch SQLite to WAL")?;
+    }
+
+    AnyPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(settings.acquire_timeout)
+        .after_connect(move |conn, _meta| {
+            Box::pin(async move {
+                if engine == Engine::Sqlite {
+                    conn.execute(
+                        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+        .context("cannot connect to the database")
+}
+
+/// `sqlite://PATH`: creates PATH's folder and asks SQLite to create the file.
+fn sqlite_url(url: &str) -> anyhow::Result<String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    anyhow::ensure!(
+        !path.is_empty(),
+        "sqlite URL needs a file path: sqlite://PATH"
+    );
+    if let Some(parent) = Path::new(path)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create the folder {}", parent.display()))?;
+    }
+    let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+    if !params.iter().any(|p| p.starts_with("mode=")) {
+        params.push("mode=rwc");
+    }
+    Ok(format!("sqlite://{path}?{}", params.join("&")))
+}
+
+/// The named secret kept in the `secrets` table, created (32 random bytes) by the first
+/// process that asks; every replica on the same database reads the same bytes.
+pub async fn secret(pool: &AnyPool, name: &str) -> anyhow::Result<Vec<u8>> {
+    use base64::Engine as _;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let mut fresh = [0u8; 32];
+    getrandom::fill(&mut fresh).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    sqlx::query(
+        "INSERT INTO secrets (name, secret, create_time) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(name)
+    .bind(engine.encode(fresh))
+    .bind(crate::time::now_micros())
+    .execute(pool)
+    .await
+    .context("cannot store the secret")?;
+    let stored: String = sqlx::query_scalar("SELECT secret FROM secrets WHERE name = $1")
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .context("cannot read the secret")?;
+    engine
+        .decode(stored)
+        .context("the stored secret is not base64")
+}
+
+/// Whether `err` is a unique-constraint violation (on either engine).
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_get_create_mode() {
+        let dir = std::env::temp_dir().join(format!("contract-db-{}", uuid::Uuid::new_v4()));
+        let url = format!("sqlite://{}/x.db", dir.display());
+        let out = sqlite_url(&url).expect("valid url");
+        assert!(out.ends_with("x.db?mode=rwc"), "{out}");
+        assert!(dir.exists());
+        let _ = std::fs::remove_dir_all(dir);
+        assert_eq!(
+            sqlite_url("sqlite://a.db?mode=ro").expect("valid url"),
+            "sqlite://a.db?mode=ro"
+        );
+        assert!(Engine::of("mysql://x").is_err());
+    }
+}

@@ -1,0 +1,138 @@
+//! Field rules the contract states once for both services.
+//!
+//! Each parser takes the raw wire value and the field's name and returns either the clean
+//! value or a [`Violation`] naming the field, ready to become a `google.rpc.BadRequest`
+//! field violation.
+
+use uuid::Uuid;
+
+/// One bad field: the field's path in the request and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub field: String,
+    pub description: String,
+}
+
+impl Violation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Collects every violation of a request, so one answer names all bad fields.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<Violation>);
+
+impl Violations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keeps the value of `result`, or records its violation and gives `None`.
+    pub fn check<T>(&mut self, result: Result<T, Violation>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(violation) => {
+                self.0.push(violation);
+                None
+            }
+        }
+    }
+
+    pub fn push(&mut self, violation: Violation) {
+        self.0.push(violation);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn into_vec(self) -> Vec<Violation> {
+        self.0
+    }
+}
+
+/// The largest page any list answers.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// The page size used when the request says 0.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Display names, after trimming, are at most this many characters.
+pub const MAX_DISPLAY_NAME_CHARS: usize = 256;
+
+/// A display name: 1..=256 characters after trimming, no control characters. Returns the
+/// trimmed name.
+pub fn display_name(field: &str, raw: &str) -> Result<String, Violation> {
+    let trimmed = raw.trim();
+    let chars = trimmed.chars().count();
+    if chars == 0 {
+        return Err(Violation::new(field, "must not be empty"));
+    }
+    if chars > MAX_DISPLAY_NAME_CHARS {
+        return Err(Violation::new(
+            field,
+            format!("must be at most {MAX_DISPLAY_NAME_CHARS} characters, got {chars}"),
+        ));
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err(Violation::new(field, "must not contain control characters"));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// An id: a UUID in its canonical hyphenated form (any letter case). Returns it lower-cased.
+pub fn id(field: &str, raw: &str) -> Result<Uuid, Violation> {
+    if raw.is_empty() {
+        return Err(Violation::new(field, "is required"));
+    }
+    match Uuid::try_parse(raw) {
+        Ok(id) if raw.len() == 36 => Ok(id),
+        _ => Err(Violation::new(
+            field,
+            "must be a UUID such as 123e4567-e89b-12d3-a456-426614174000",
+        )),
+    }
+}
+
+/// A page size: 0 means [`DEFAULT_PAGE_SIZE`], above [`MAX_PAGE_SIZE`] is clamped, negative
+/// is a violation.
+pub fn page_size(field: &str, raw: i32) -> Result<u32, Violation> {
+    match u32::try_from(raw) {
+        Err(_) => Err(Violation::new(field, "must not be negative")),
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(n) => Ok(n.min(MAX_PAGE_SIZE)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_are_trimmed_and_bounded() {
+        assert_eq!(display_name("f", "  Contoso  ").as_deref(), Ok("Contoso"));
+        assert!(display_name("f", "   ").is_err());
+        assert!(display_name("f", "a\u{7}b").is_err());
+        assert!(display_name("f", &"é".repeat(256)).is_ok());
+        assert!(display_name("f", &"é".repeat(257)).is_err());
+    }
+
+    #[test]
+    fn ids_must_be_canonical_uuids() {
+        assert!(id("f", "123e4567-e89b-12d3-a456-426614174000").is_ok());
+        assert!(id("f", "123E4567-E89B-12D3-A456-426614174000").is_ok());
+        assert!(id("f", "123e4567e89b12d3a456426614174000").is_err());
+        assert!(id("f", "").is_err());
+        assert!(id("f", "nope").is_err());
+    }
+
+    #[test]
+    fn page_sizes_default_and_clamp() {
+        assert_eq!(page_size("p", 0), Ok(50));
+        assert_eq!(page_size("p", 7), Ok(7));
+        assert_eq!(page_size("p", 5000), Ok(1000));
+        assert!(page_size("p", -1).is_err());
+    }
+}

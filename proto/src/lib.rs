@@ -1,0 +1,38 @@
+//! The contract of the service pair, and the conventions both servers share.
+//!
+//! - [`directory::v1`] and [`billing::v1`]: Rust types and tonic stubs generated from the
+//!   `.proto` files in this folder; [`FILE_DESCRIPTOR_SET`] for server reflection.
+//! - [`fields`]: the field rules the contract states once for both services (display names,
+//!   ids, page sizes), as pure functions returning [`fields::Violation`]s.
+//! - [`paging`]: opaque, tamper-evident page tokens bound to a list, a scope and a filter.
+//! - [`rpc`]: turning a service's error into a `tonic::Status` with `ErrorInfo` and
+//!   `BadRequest`, and the server plumbing (health, reflection, per-RPC spans, shutdown).
+//! - [`db`]: opening the service's own database (embedded SQLite or PostgreSQL) with the same
+//!   code path, and persisted secrets.
+//!
+//! This crate holds no business rule of either service: those live in each service's domain.
+
+pub mod db;
+pub mod fields;
+pub mod paging;
+pub mod rpc;
+pub mod time;
+
+/// `directory.v1`: directories, users, roles, sign-in, Authorize.
+#[allow(clippy::all, missing_docs)]
+pub mod directory {
+    pub mod v1 {
+        tonic::include_proto!("directory.v1");
+    }
+}
+
+/// `billing.v1`: offers and subscriptions.
+#[allow(clippy::all, missing_docs)]
+pub mod billing {
+    pub mod v1 {
+        tonic::include_proto!("billing.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of both packages and their imports, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));

@@ -1,0 +1,247 @@
+//! What both servers do the same way at the gRPC edge: error statuses with rich details,
+//! health and reflection, a span per RPC carrying a request id, and shutdown signals.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
+use tracing::Instrument as _;
+
+use crate::fields::Violation;
+
+/// A `Status` carrying `google.rpc.ErrorInfo` (`reason`, `domain`) and, when `violations` is
+/// not empty, `google.rpc.BadRequest` with one field violation each.
+pub fn status(
+    domain: &str,
+    code: Code,
+    reason: &str,
+    message: impl Into<String>,
+    violations: &[Violation],
+) -> Status {
+    let mut details = ErrorDetails::with_error_info(
+        reason,
+        domain,
+        std::collections::HashMap::<String, String>::new(),
+    );
+    if !violations.is_empty() {
+        details.set_bad_request(
+            violations
+                .iter()
+                .map(|v| FieldViolation::new(v.field.clone(), v.description.clone()))
+                .collect::<Vec<_>>(),
+        );
+    }
+    Status::with_error_details(code, message, details)
+}
+
+/// The message of an INVALID_ARGUMENT status: every bad field, in request order.
+pub fn violations_message(violations: &[Violation]) -> String {
+    let fields: Vec<String> = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect();
+    format!("invalid request: {}", fields.join("; "))
+}
+
+/// The bearer token of a request's `authorization` metadata, if it has one of the form
+/// `Bearer <token>` (scheme case-insensitive).
+pub fn bearer_token<T>(request: &tonic::Request<T>) -> Option<&str> {
+    let value = request.metadata().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Server reflection v1 over our descriptor sets plus health's and `google.rpc`'s, so grpcurl
+/// can list services and decode error details with no proto files.
+pub fn reflection_v1() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::Error,
+> {
+    reflection_builder().build_v1()
+}
+
+/// Server reflection v1alpha (what grpcurl 1.8 speaks), from the same descriptor sets.
+pub fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    tonic_reflection::server::Error,
+> {
+    reflection_builder().build_v1alpha()
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Health for `""` and `service`, both SERVING.
+pub async fn health(
+    service: &str,
+) -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (reporter, server) = tonic_health::server::health_reporter();
+    for name in ["", service] {
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    (reporter, server)
+}
+
+/// Marks `""` and `service` NOT_SERVING, so balancers stop sending before the drain.
+pub async fn set_not_serving(reporter: &tonic_health::server::HealthReporter, service: &str) {
+    for name in ["", service] {
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(term) => term,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+/// Installs the global `tracing` subscriber: human-readable lines, or one JSON object per line.
+/// The filter comes from `RUST_LOG` (default `info`).
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The request id of an RPC: the caller's `x-request-id` when it is sane, else a new UUID. The
+/// layer puts it in the request's extensions and echoes it in the response metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+const REQUEST_ID: &str = "x-request-id";
+
+fn sane_request_id(value: &http::HeaderValue) -> Option<&str> {
+    let s = value.to_str().ok()?;
+    (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())).then_some(s)
+}
+
+/// Tower layer giving every RPC a `tracing` span (method, request id, gRPC code, latency).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RpcTraceLayer;
+
+impl<S> tower::Layer<S> for RpcTraceLayer {
+    type Service = RpcTrace<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcTrace { inner }
+    }
+}
+
+/// See [`RpcTraceLayer`].
+#[derive(Debug, Clone)]
+pub struct RpcTrace<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for RpcTrace<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let id = match request.headers().get(REQUEST_ID).and_then(sane_request_id) {
+            Some(id) => id.to_owned(),
+            None => {
+                let id = uuid::Uuid::new_v4().to_string();
+                if let Ok(value) = http::HeaderValue::from_str(&id) {
+                    request.headers_mut().insert(REQUEST_ID, value);
+                }
+                id
+            }
+        };
+        let span = tracing::info_span!(
+            "rpc",
+            method = %request.uri().path(),
+            request_id = %id,
+            code = tracing::field::Empty,
+            latency_us = tracing::field::Empty,
+        );
+        request.extensions_mut().insert(RequestId(id.clone()));
+        let started = Instant::now();
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        Box::pin(
+            async move {
+                let mut result = future.await;
+                let span = tracing::Span::current();
+                span.record("latency_us", started.elapsed().as_micros() as u64);
+                match &mut result {
+                    Ok(response) => {
+                        // Errors travel trailers-only, so their status is in the headers; an OK
+                        // answer carries its status in the trailers.
+                        let code = response
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<i32>().ok())
+                            .map_or(Code::Ok, Code::from_i32);
+                        span.record("code", tracing::field::debug(code));
+                        if let Ok(value) = http::HeaderValue::from_str(&id) {
+                            response.headers_mut().insert(REQUEST_ID, value);
+                        }
+                        tracing::info!("rpc finished");
+                    }
+                    Err(_) => tracing::warn!("rpc failed in transport"),
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}

@@ -1,0 +1,236 @@
+//! Test harness: starts the real servers on random loopback ports with fresh databases and
+//! hands out generated gRPC clients, the way callers use the services.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use contract::directory::v1 as dpb;
+use contract::directory::v1::directory_service_client::DirectoryServiceClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub use contract;
+
+/// A fresh database for one test, removed when dropped.
+pub struct TestDb {
+    pub url: String,
+    dir: Option<PathBuf>,
+}
+
+impl TestDb {
+    /// A new SQLite file in a folder of its own (the folder does not exist yet: the service
+    /// must create it).
+    pub fn sqlite() -> Self {
+        let dir = std::env::temp_dir().join(format!("svc-test-{}", uuid::Uuid::new_v4()));
+        Self {
+            url: format!("sqlite://{}/nested/db.sqlite", dir.display()),
+            dir: Some(dir),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A running directory-svc.
+pub struct DirectoryServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Cheap settings for tests: argon2 at its minimum cost.
+pub fn directory_config(db: &TestDb) -> directory_svc::Config {
+    let mut config = directory_svc::Config::new(
+        "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+        db.url.clone(),
+    );
+    config.argon2 = directory_svc::domain::passwords::Argon2Cost {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+    config.drain = Duration::from_secs(5);
+    config
+}
+
+impl DirectoryServer {
+    pub async fn start(db: &TestDb) -> Self {
+        Self::start_with(directory_config(db)).await
+    }
+
+    pub async fn start_with(config: directory_svc::Config) -> Self {
+        let app = directory_svc::Application::build(config)
+            .await
+            .expect("directory-svc starts");
+        let addr = app.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("connects")
+    }
+
+    pub async fn client(&self) -> DirectoryServiceClient<Channel> {
+        DirectoryServiceClient::new(self.channel().await)
+    }
+
+    /// Stops the server as SIGTERM would, and waits for it to exit.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("server task")
+                .expect("server exits cleanly");
+        }
+    }
+}
+
+impl Drop for DirectoryServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    request
+}
+
+/// A password meeting the rules.
+pub const PASSWORD: &str = "Corr3ct-Horse";
+
+/// A signed-up directory and its admin's token.
+pub struct Tenant {
+    pub directory: dpb::Directory,
+    pub admin: dpb::User,
+    pub token: String,
+    pub domain: String,
+}
+
+/// Signs up a directory with prefix `prefix` and admin `admin`, and signs the admin in.
+pub async fn sign_up(client: &mut DirectoryServiceClient<Channel>, prefix: &str) -> Tenant {
+    let created = client
+        .create_directory(dpb::CreateDirectoryRequest {
+            display_name: format!("{prefix} Ltd"),
+            domain_prefix: prefix.to_owned(),
+            admin_user_name: "admin".to_owned(),
+            admin_display_name: "Admin".to_owned(),
+            admin_password: PASSWORD.to_owned(),
+        })
+        .await
+        .expect("sign-up")
+        .into_inner();
+    let directory = created.directory.expect("directory");
+    let admin = created.admin.expect("admin");
+    let token = sign_in(client, &admin.user_principal_name, PASSWORD).await;
+    Tenant {
+        domain: directory.initial_domain.clone(),
+        directory,
+        admin,
+        token,
+    }
+}
+
+pub async fn sign_in(
+    client: &mut DirectoryServiceClient<Channel>,
+    upn: &str,
+    password: &str,
+) -> String {
+    client
+        .sign_in(dpb::SignInRequest {
+            user_principal_name: upn.to_owned(),
+            password: password.to_owned(),
+        })
+        .await
+        .expect("sign-in")
+        .into_inner()
+        .access_token
+}
+
+/// Creates `name@<tenant domain>` with `roles` as the tenant's admin, and signs them in.
+pub async fn add_user(
+    client: &mut DirectoryServiceClient<Channel>,
+    tenant: &Tenant,
+    name: &str,
+    roles: &[dpb::Role],
+) -> (dpb::User, String) {
+    let upn = format!("{name}@{}", tenant.domain);
+    let user = client
+        .create_user(authed(
+            dpb::CreateUserRequest {
+                user_principal_name: upn.clone(),
+                display_name: name.to_owned(),
+                password: PASSWORD.to_owned(),
+                roles: roles.iter().map(|r| *r as i32).collect(),
+            },
+            &tenant.token,
+        ))
+        .await
+        .expect("create user")
+        .into_inner();
+    let token = sign_in(client, &upn, PASSWORD).await;
+    (user, token)
+}
+
+/// The status's ErrorInfo reason and domain, and its BadRequest field names.
+pub fn details(status: &tonic::Status) -> (String, String, Vec<String>) {
+    use tonic_types::StatusExt as _;
+    let details = status.get_error_details();
+    let (reason, domain) = details
+        .error_info()
+        .map(|i| (i.reason.clone(), i.domain.clone()))
+        .unwrap_or_default();
+    let fields = details
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    (reason, domain, fields)
+}
+
+/// Asserts `result` failed with `code` and ErrorInfo `reason`; returns the status.
+#[track_caller]
+pub fn expect_err<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: tonic::Code,
+    reason: &str,
+) -> tonic::Status {
+    let status = result.expect_err("the call should fail");
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    let (got_reason, domain, _) = details(&status);
+    assert_eq!(got_reason, reason, "unexpected reason in {status:?}");
+    assert!(!domain.is_empty(), "ErrorInfo.domain missing in {status:?}");
+    status
+}
