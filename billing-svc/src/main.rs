@@ -1,1 +1,23 @@
-fn main() {}
+use billing_svc::config::{Cli, LogFormat};
+use billing_svc::{Application, Config};
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    contract::rpc::init_tracing(cli.log_format == LogFormat::Json);
+    let run = async {
+        let app = Application::build(Config::from(&cli)).await?;
+        app.run_until(contract::rpc::shutdown_signal()).await
+    };
+    match run.await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(
+                error = format!("{err:#}"),
+                "billing-svc stopped with an error"
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

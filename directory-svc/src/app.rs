@@ -9,8 +9,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use contract::directory::v1::directory_service_server::{DirectoryServiceServer, SERVICE_NAME};
 use contract::paging::PageTokens;
+use contract::rpc::ServeOptions;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
 
 use crate::config::Config;
 use crate::domain::Service;
@@ -63,33 +64,12 @@ impl Application {
     /// Serves until `shutdown` completes, then reports NOT_SERVING, stops accepting and
     /// drains in-flight calls (at most the configured drain time).
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let (health, health_service) = contract::rpc::health(SERVICE_NAME).await;
         let service =
             DirectoryServiceServer::new(self.api).max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
-            .layer(contract::rpc::RpcTraceLayer)
-            .add_service(health_service)
-            .add_service(contract::rpc::reflection_v1()?)
-            .add_service(contract::rpc::reflection_v1alpha()?)
-            .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
-                let _ = stop_rx.await;
-            });
-        tracing::info!(addr = %self.local_addr, "directory-svc serving");
-        tokio::pin!(server);
-        tokio::select! {
-            result = &mut server => return result.context("server failed"),
-            () = shutdown => {}
-        }
-        tracing::info!("shutting down: draining in-flight calls");
-        contract::rpc::set_not_serving(&health, SERVICE_NAME).await;
-        let _ = stop_tx.send(());
-        match tokio::time::timeout(self.config.drain, server).await {
-            Ok(result) => result.context("server failed while draining")?,
-            Err(_) => tracing::warn!("drain time exceeded; exiting with calls in flight"),
-        }
-        tracing::info!("stopped");
-        Ok(())
+        let options = ServeOptions {
+            service_name: SERVICE_NAME,
+            drain: self.config.drain,
+        };
+        contract::rpc::serve(self.listener, Routes::new(service), options, shutdown).await
     }
 }

@@ -245,3 +245,99 @@ where
         )
     }
 }
+
+/// When the caller's deadline (its `grpc-timeout` metadata) runs out, if it sent one.
+pub fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let timeout = parse_grpc_timeout(value)?;
+    Instant::now().checked_add(timeout)
+}
+
+/// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    match unit {
+        "H" => Some(Duration::from_secs(amount.checked_mul(3600)?)),
+        "M" => Some(Duration::from_secs(amount.checked_mul(60)?)),
+        "S" => Some(Duration::from_secs(amount)),
+        "m" => Some(Duration::from_millis(amount)),
+        "u" => Some(Duration::from_micros(amount)),
+        "n" => Some(Duration::from_nanos(amount)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(
+            parse_grpc_timeout("1999m"),
+            Some(Duration::from_millis(1999))
+        );
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("123456789m"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+    }
+}
+
+/// How a server runs: its service's full name (for health), its message size limit, and how
+/// long a shutdown waits for in-flight calls.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub service_name: &'static str,
+    pub drain: std::time::Duration,
+}
+
+/// Serves `routes` (plus health and reflection) on `listener` until `shutdown` completes, then
+/// reports NOT_SERVING, stops accepting and drains in-flight calls for at most `drain`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    routes: tonic::service::Routes,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let addr = listener.local_addr()?;
+    let (health, health_service) = health(options.service_name).await;
+    let routes = routes
+        .add_service(health_service)
+        .add_service(reflection_v1()?)
+        .add_service(reflection_v1alpha()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .layer(RpcTraceLayer)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = stop_rx.await;
+            },
+        );
+    tracing::info!(%addr, service = options.service_name, "serving");
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.context("server failed"),
+        () = shutdown => {}
+    }
+    tracing::info!("shutting down: draining in-flight calls");
+    set_not_serving(&health, options.service_name).await;
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(options.drain, server).await {
+        Ok(result) => result.context("server failed while draining")?,
+        Err(_) => tracing::warn!("drain time exceeded; exiting with calls in flight"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

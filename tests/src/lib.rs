@@ -234,3 +234,74 @@ pub fn expect_err<T: std::fmt::Debug>(
     assert!(!domain.is_empty(), "ErrorInfo.domain missing in {status:?}");
     status
 }
+
+/// A running billing-svc.
+pub struct BillingServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Test settings for billing-svc talking to `directory_url`.
+pub fn billing_config(db: &TestDb, directory_url: &str) -> billing_svc::Config {
+    let mut config = billing_svc::Config::new(
+        "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+        db.url.clone(),
+        directory_url,
+    );
+    config.drain = Duration::from_secs(5);
+    config
+}
+
+impl BillingServer {
+    pub async fn start(db: &TestDb, directory: &DirectoryServer) -> Self {
+        Self::start_with(billing_config(db, &directory.url())).await
+    }
+
+    pub async fn start_with(config: billing_svc::Config) -> Self {
+        let app = billing_svc::Application::build(config)
+            .await
+            .expect("billing-svc starts");
+        let addr = app.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn client(&self) -> BillingServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("connects");
+        BillingServiceClient::new(channel)
+    }
+
+    /// Stops the server as SIGTERM would, and waits for it to exit.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("server task")
+                .expect("server exits cleanly");
+        }
+    }
+}
+
+impl Drop for BillingServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+pub use contract::billing::v1::billing_service_client::BillingServiceClient;

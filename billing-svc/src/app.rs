@@ -1,0 +1,73 @@
+//! Starting and stopping the server: bind first (so tests can use port 0 and read the port),
+//! open the database and run migrations, prepare the directory client (connected lazily), then
+//! serve until a shutdown signal, draining in-flight calls.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use contract::billing::v1::billing_service_server::{BillingServiceServer, SERVICE_NAME};
+use contract::paging::PageTokens;
+use contract::rpc::ServeOptions;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+
+use crate::config::Config;
+use crate::directory::GrpcDirectory;
+use crate::domain::Service;
+use crate::store::SqlStore;
+use crate::transport::BillingApi;
+
+/// Largest request the server decodes.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// A bound, ready-to-serve billing-svc.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    api: BillingApi,
+    config: Config,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        let directory = GrpcDirectory::new(&config.directory_urls, config.directory_timeout)?;
+        let pool = contract::db::connect(&config.database_url, &config.pool).await?;
+        let store = SqlStore::new(pool)
+            .await
+            .context("cannot migrate the database")?;
+        let page_key = contract::db::secret(store.pool(), "page-token-key").await?;
+        let service = Service::new(
+            Arc::new(store),
+            Arc::new(directory),
+            PageTokens::new(&page_key),
+        );
+        Ok(Self {
+            listener,
+            local_addr,
+            api: BillingApi::new(Arc::new(service)),
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then reports NOT_SERVING, stops accepting and
+    /// drains in-flight calls (at most the configured drain time).
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let service =
+            BillingServiceServer::new(self.api).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let options = ServeOptions {
+            service_name: SERVICE_NAME,
+            drain: self.config.drain,
+        };
+        contract::rpc::serve(self.listener, Routes::new(service), options, shutdown).await
+    }
+}

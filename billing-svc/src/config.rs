@@ -1,0 +1,109 @@
+//! Command-line flags (each with an environment variable) and the settings they produce.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use contract::db::PoolSettings;
+
+/// billing-svc: the offer catalogue and subscriptions, authorised by directory-svc over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "billing-svc", version, about)]
+pub struct Cli {
+    /// Address to listen on for gRPC.
+    #[arg(long, env = "BILLING_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: SocketAddr,
+
+    /// Database URL: sqlite://PATH (created on first start) or postgres://USER@HOST/DB.
+    #[arg(
+        long,
+        env = "BILLING_DATABASE_URL",
+        default_value = "sqlite://data/billing.db"
+    )]
+    pub database_url: String,
+
+    /// directory-svc endpoint(s), comma-separated: http://HOST:PORT[,http://HOST:PORT...].
+    #[arg(
+        long,
+        env = "BILLING_DIRECTORY_URL",
+        default_value = "http://127.0.0.1:50051",
+        value_delimiter = ','
+    )]
+    pub directory_url: Vec<String>,
+
+    /// Deadline of each call to directory-svc, in milliseconds (a caller's shorter deadline wins).
+    #[arg(long, env = "BILLING_DIRECTORY_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub directory_timeout_ms: u64,
+
+    /// Largest number of open database connections.
+    #[arg(long, env = "BILLING_DB_MAX_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_max_connections: u32,
+
+    /// How long a call waits for a database connection, in seconds.
+    #[arg(long, env = "BILLING_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub db_acquire_timeout_secs: u64,
+
+    /// How long SIGTERM waits for in-flight calls before exiting anyway, in seconds.
+    #[arg(long, env = "BILLING_DRAIN_SECS", default_value_t = 20)]
+    pub drain_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub directory_urls: Vec<String>,
+    pub directory_timeout: Duration,
+    pub pool: PoolSettings,
+    pub drain: Duration,
+}
+
+impl Config {
+    /// Settings with every value but these at its default.
+    pub fn new(
+        listen: SocketAddr,
+        database_url: impl Into<String>,
+        directory_url: impl Into<String>,
+    ) -> Self {
+        Self {
+            listen,
+            database_url: database_url.into(),
+            directory_urls: vec![directory_url.into()],
+            directory_timeout: Duration::from_secs(2),
+            pool: PoolSettings::default(),
+            drain: Duration::from_secs(20),
+        }
+    }
+}
+
+impl From<&Cli> for Config {
+    fn from(cli: &Cli) -> Self {
+        Self {
+            listen: cli.listen,
+            database_url: cli.database_url.clone(),
+            directory_urls: cli
+                .directory_url
+                .iter()
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty())
+                .collect(),
+            directory_timeout: Duration::from_millis(cli.directory_timeout_ms),
+            pool: PoolSettings {
+                max_connections: cli.db_max_connections,
+                acquire_timeout: Duration::from_secs(cli.db_acquire_timeout_secs),
+            },
+            drain: Duration::from_secs(cli.drain_secs),
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The one error type of billing-svc. The transport maps each variant to a gRPC status in one
+//! exhaustive match; internal variants are logged there and answered with a generic message.
+
+use contract::fields::Violation;
+use contract::paging::PageTokenError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}", contract::rpc::violations_message(.0))]
+    InvalidArgument(Vec<Violation>),
+    #[error("{0}")]
+    InvalidPageToken(PageTokenError),
+    #[error(
+        "missing bearer token: send metadata 'authorization: Bearer <access_token>' from SignIn"
+    )]
+    MissingToken,
+    /// The directory refused the token (malformed, expired, or its user deleted).
+    #[error("access token is invalid or expired")]
+    InvalidToken,
+    /// The directory decided the caller may not do this; carries its reason.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("subscription not found")]
+    NotFound,
+    #[error("the free trial has already been used by this user")]
+    FreeTrialUsed,
+    #[error("request_id was already used with different fields")]
+    RequestIdReused,
+    /// The directory service could not be reached or did not answer in time.
+    #[error("the directory service is unavailable; retry later")]
+    DirectoryUnavailable,
+    /// Our own database cannot be reached right now.
+    #[error("the billing database is unavailable; retry later")]
+    Unavailable(#[source] anyhow::Error),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Error::Unavailable(anyhow::Error::new(err).context("database"))
+            }
+            other => Error::Internal(anyhow::Error::new(other).context("database")),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

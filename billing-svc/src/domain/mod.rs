@@ -1,0 +1,322 @@
+//! The rules of billing: the catalogue, who may buy, see and cancel what, where a purchase
+//! lands, who owns it, and idempotent purchases. No tonic or prost type appears here: the
+//! directory is reached through the [`Authorizer`] trait, the database through
+//! [`BillingStore`].
+
+pub mod error;
+pub mod model;
+pub mod offers;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use contract::fields::Violation;
+use contract::paging::PageTokens;
+
+pub use error::{Error, Result};
+use model::{State, Subscription, SubscriptionPage};
+use offers::{Offer, OwnerType};
+
+use crate::store::{BillingStore, StoreError};
+
+const LIST_SUBSCRIPTIONS: &str = "billing.v1.BillingService/ListSubscriptions";
+
+/// What a call carries besides its message: the end user's token (forwarded to the
+/// directory), the caller's deadline and the request id.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    pub token: Option<String>,
+    pub deadline: Option<Instant>,
+    pub request_id: Option<String>,
+}
+
+/// What billing asks the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// May the caller buy? (Global or Billing Administrator.)
+    Purchase,
+    /// May the caller manage every subscription of the directory? (Global or Billing
+    /// Administrator.) A caller refused this is still a valid user: an owner at most.
+    Manage,
+}
+
+/// The directory's answer: who the caller is, and whether the check passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub user_id: String,
+    pub directory_id: String,
+    pub allowed: bool,
+    pub reason: String,
+}
+
+/// The directory service, as billing needs it.
+#[async_trait]
+pub trait Authorizer: Send + Sync + 'static {
+    /// Fails with [`Error::InvalidToken`] when the directory refuses the token, and with
+    /// [`Error::DirectoryUnavailable`] when it cannot answer within the call's deadline.
+    async fn authorize(&self, token: &str, call: &CallContext, check: Check) -> Result<Caller>;
+}
+
+/// A validated CreateSubscription request.
+#[derive(Debug, Clone)]
+pub struct NewSubscription {
+    pub offer: &'static Offer,
+    pub display_name: String,
+    pub seats: i32,
+    pub request_id: Option<uuid::Uuid>,
+}
+
+impl NewSubscription {
+    /// What a retry with the same request_id must ask for again.
+    fn fingerprint(&self) -> String {
+        format!("{}|{}|{}", self.offer.id, self.seats, self.display_name)
+    }
+}
+
+/// Checks the seat count against the offer: per-seat offers 1..=MAX_SEATS, others 0.
+pub fn check_seats(offer: &Offer, seats: i32) -> Result<(), Violation> {
+    if offer.per_seat && !(1..=offers::MAX_SEATS).contains(&seats) {
+        return Err(Violation::new(
+            "seats",
+            format!(
+                "{} is sold per seat: seats must be 1 to {}",
+                offer.id,
+                offers::MAX_SEATS
+            ),
+        ));
+    }
+    if !offer.per_seat && seats != 0 {
+        return Err(Violation::new(
+            "seats",
+            format!("{} is not sold per seat: seats must be 0", offer.id),
+        ));
+    }
+    Ok(())
+}
+
+/// A validated ListSubscriptions request.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub page_size: u32,
+    pub page_token: String,
+}
+
+pub struct Service {
+    store: Arc<dyn BillingStore>,
+    directory: Arc<dyn Authorizer>,
+    pages: PageTokens,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").finish_non_exhaustive()
+    }
+}
+
+fn store_error(err: StoreError) -> Error {
+    match err {
+        StoreError::Backend(e) => Error::from(e),
+        StoreError::Conflict => Error::Internal(anyhow::anyhow!("unexpected unique conflict")),
+    }
+}
+
+impl Service {
+    pub fn new(
+        store: Arc<dyn BillingStore>,
+        directory: Arc<dyn Authorizer>,
+        pages: PageTokens,
+    ) -> Self {
+        Self {
+            store,
+            directory,
+            pages,
+        }
+    }
+
+    pub fn list_offers(&self) -> &'static [Offer] {
+        &offers::CATALOGUE
+    }
+
+    async fn caller(&self, call: &CallContext, check: Check) -> Result<Caller> {
+        let token = call.token.as_deref().ok_or(Error::MissingToken)?;
+        self.directory.authorize(token, call, check).await
+    }
+
+    /// The subscription with this id in the caller's directory; any other answers as missing.
+    async fn visible(&self, caller: &Caller, id: uuid::Uuid) -> Result<Subscription> {
+        self.store
+            .get(&id.to_string())
+            .await
+            .map_err(store_error)?
+            .filter(|s| s.directory_id == caller.directory_id)
+            .ok_or(Error::NotFound)
+    }
+
+    /// Buys an offer: authorised by the directory, placed in the caller's directory, owned by
+    /// the caller (Azure) or the directory (Office 365). With a request_id, a retry of the
+    /// same request returns the first subscription.
+    pub async fn create_subscription(
+        &self,
+        call: &CallContext,
+        new: NewSubscription,
+    ) -> Result<Subscription> {
+        let caller = self.caller(call, Check::Purchase).await?;
+        if !caller.allowed {
+            return Err(Error::PermissionDenied(caller.reason));
+        }
+        let fingerprint = new.fingerprint();
+        let request_id = new.request_id.map(|id| id.to_string());
+        if let Some(first) = self
+            .replay(&caller, request_id.as_deref(), &fingerprint)
+            .await?
+        {
+            return Ok(first);
+        }
+        let subscription = Subscription {
+            id: uuid::Uuid::new_v4().to_string(),
+            offer: new.offer,
+            display_name: new.display_name,
+            directory_id: caller.directory_id.clone(),
+            owner_user_id: match new.offer.owner {
+                OwnerType::User => Some(caller.user_id.clone()),
+                OwnerType::Directory => None,
+            },
+            seats: new.seats,
+            state: State::Active,
+            created_by_user_id: caller.user_id.clone(),
+            create_time: contract::time::now_micros(),
+            cancel_time: None,
+        };
+        let request = request_id.as_deref().map(|r| (r, fingerprint.as_str()));
+        match self.store.insert(&subscription, request).await {
+            Ok(()) => Ok(subscription),
+            Err(StoreError::Conflict) => {
+                // A concurrent twin of this request won the unique index: answer with its row.
+                if let Some(first) = self
+                    .replay(&caller, request_id.as_deref(), &fingerprint)
+                    .await?
+                {
+                    return Ok(first);
+                }
+                if new.offer.free_trial {
+                    Err(Error::FreeTrialUsed)
+                } else {
+                    Err(Error::Internal(anyhow::anyhow!(
+                        "unexpected unique conflict"
+                    )))
+                }
+            }
+            Err(other) => Err(store_error(other)),
+        }
+    }
+
+    /// The subscription an earlier call with this request_id created, if any.
+    async fn replay(
+        &self,
+        caller: &Caller,
+        request_id: Option<&str>,
+        fingerprint: &str,
+    ) -> Result<Option<Subscription>> {
+        let Some(request_id) = request_id else {
+            return Ok(None);
+        };
+        match self
+            .store
+            .by_request(&caller.user_id, request_id)
+            .await
+            .map_err(store_error)?
+        {
+            Some((first, stored)) if stored == fingerprint => Ok(Some(first)),
+            Some(_) => Err(Error::RequestIdReused),
+            None => Ok(None),
+        }
+    }
+
+    /// Admins of the directory see any of its subscriptions; other users those they own.
+    pub async fn get_subscription(
+        &self,
+        call: &CallContext,
+        id: uuid::Uuid,
+    ) -> Result<Subscription> {
+        let caller = self.caller(call, Check::Manage).await?;
+        let subscription = self.visible(&caller, id).await?;
+        if caller.allowed || subscription.owned_by(&caller.user_id) {
+            Ok(subscription)
+        } else {
+            Err(Error::PermissionDenied(
+                "only its owner or a Global or Billing Administrator may read this subscription"
+                    .into(),
+            ))
+        }
+    }
+
+    /// A page of what the caller may see, oldest first.
+    pub async fn list_subscriptions(
+        &self,
+        call: &CallContext,
+        query: ListQuery,
+    ) -> Result<SubscriptionPage> {
+        let caller = self.caller(call, Check::Manage).await?;
+        let owner = (!caller.allowed).then_some(caller.user_id.as_str());
+        let scope = format!("{}/{}", caller.directory_id, owner.unwrap_or("*"));
+        let after = if query.page_token.is_empty() {
+            None
+        } else {
+            let key = self
+                .pages
+                .open(&query.page_token, LIST_SUBSCRIPTIONS, &scope, "")
+                .map_err(Error::InvalidPageToken)?;
+            let (time, id) = key
+                .split_once('|')
+                .and_then(|(t, id)| Some((t.parse::<i64>().ok()?, id.to_owned())))
+                .ok_or(Error::InvalidPageToken(
+                    contract::paging::PageTokenError::Invalid,
+                ))?;
+            Some((time, id))
+        };
+        let mut subscriptions = self
+            .store
+            .list(&caller.directory_id, owner, after, query.page_size + 1)
+            .await
+            .map_err(store_error)?;
+        let more = subscriptions.len() > query.page_size as usize;
+        subscriptions.truncate(query.page_size as usize);
+        let next_page_token = match subscriptions.last() {
+            Some(last) if more => {
+                self.pages
+                    .issue(LIST_SUBSCRIPTIONS, &scope, "", &last.list_key())
+            }
+            _ => String::new(),
+        };
+        Ok(SubscriptionPage {
+            subscriptions,
+            next_page_token,
+        })
+    }
+
+    /// Cancels a subscription (admins, or the owner of an Azure subscription). Cancelling a
+    /// cancelled subscription returns it unchanged.
+    pub async fn cancel_subscription(
+        &self,
+        call: &CallContext,
+        id: uuid::Uuid,
+    ) -> Result<Subscription> {
+        let caller = self.caller(call, Check::Manage).await?;
+        let subscription = self.visible(&caller, id).await?;
+        let owner_may = subscription.is_azure() && subscription.owned_by(&caller.user_id);
+        if !(caller.allowed || owner_may) {
+            return Err(Error::PermissionDenied(
+                "only the owner of an Azure subscription or a Global or Billing Administrator may cancel it".into(),
+            ));
+        }
+        if subscription.state == State::Cancelled {
+            return Ok(subscription);
+        }
+        self.store
+            .cancel(&subscription.id, contract::time::now_micros())
+            .await
+            .map_err(store_error)?
+            .ok_or(Error::NotFound)
+    }
+}

@@ -1,0 +1,42 @@
+//! The one mapping from [`Error`] to `tonic::Status`: code, ErrorInfo reason, BadRequest.
+
+use contract::fields::Violation;
+use contract::rpc::status;
+use tonic::{Code, Status};
+
+use crate::domain::Error;
+
+/// `google.rpc.ErrorInfo.domain` of every error this service sends.
+pub const ERROR_DOMAIN: &str = "billing-svc";
+
+pub fn to_status(err: Error) -> Status {
+    let message = err.to_string();
+    let (code, reason, violations) = match &err {
+        Error::InvalidArgument(violations) => (
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+            violations.clone(),
+        ),
+        Error::InvalidPageToken(why) => (
+            Code::InvalidArgument,
+            "INVALID_PAGE_TOKEN",
+            vec![Violation::new("page_token", why.to_string())],
+        ),
+        Error::MissingToken => (Code::Unauthenticated, "MISSING_TOKEN", vec![]),
+        Error::InvalidToken => (Code::Unauthenticated, "INVALID_TOKEN", vec![]),
+        Error::PermissionDenied(_) => (Code::PermissionDenied, "PERMISSION_DENIED", vec![]),
+        Error::NotFound => (Code::NotFound, "SUBSCRIPTION_NOT_FOUND", vec![]),
+        Error::FreeTrialUsed => (Code::FailedPrecondition, "FREE_TRIAL_ALREADY_USED", vec![]),
+        Error::RequestIdReused => (Code::FailedPrecondition, "REQUEST_ID_REUSED", vec![]),
+        Error::DirectoryUnavailable => (Code::Unavailable, "DIRECTORY_UNAVAILABLE", vec![]),
+        Error::Unavailable(source) => {
+            tracing::warn!(error = format!("{source:#}"), "database unavailable");
+            (Code::Unavailable, "DATABASE_UNAVAILABLE", vec![])
+        }
+        Error::Internal(source) => {
+            tracing::error!(error = format!("{source:#}"), "internal error");
+            (Code::Internal, "INTERNAL", vec![])
+        }
+    };
+    status(ERROR_DOMAIN, code, reason, message, &violations)
+}
