@@ -56,28 +56,33 @@ pub fn bearer_token<T>(request: &tonic::Request<T>) -> Option<&str> {
 }
 
 /// Server reflection v1 over our descriptor sets plus health's and `google.rpc`'s, so grpcurl
-/// can list services and decode error details with no proto files.
-pub fn reflection_v1() -> Result<
+/// can list services and decode error details with no proto files. Lists only `service`,
+/// health and reflection: the services this server really serves.
+pub fn reflection_v1(service: &str) -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
     tonic_reflection::server::Error,
 > {
-    reflection_builder().build_v1()
+    reflection_builder(service).build_v1()
 }
 
 /// Server reflection v1alpha (what grpcurl 1.8 speaks), from the same descriptor sets.
-pub fn reflection_v1alpha() -> Result<
+pub fn reflection_v1alpha(service: &str) -> Result<
     tonic_reflection::server::v1alpha::ServerReflectionServer<
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
     tonic_reflection::server::Error,
 > {
-    reflection_builder().build_v1alpha()
+    reflection_builder(service).build_v1alpha()
 }
 
-fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+fn reflection_builder(service: &str) -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
+        .with_service_name(service)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
@@ -313,8 +318,8 @@ pub async fn serve(
     let (health, health_service) = health(options.service_name).await;
     let routes = routes
         .add_service(health_service)
-        .add_service(reflection_v1()?)
-        .add_service(reflection_v1alpha()?);
+        .add_service(reflection_v1(options.service_name)?)
+        .add_service(reflection_v1alpha(options.service_name)?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .layer(RpcTraceLayer)
