@@ -58,7 +58,9 @@ pub fn bearer_token<T>(request: &tonic::Request<T>) -> Option<&str> {
 /// Server reflection v1 over our descriptor sets plus health's and `google.rpc`'s, so grpcurl
 /// can list services and decode error details with no proto files. Lists only `service`,
 /// health and reflection: the services this server really serves.
-pub fn reflection_v1(service: &str) -> Result<
+pub fn reflection_v1(
+    service: &str,
+) -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
@@ -68,7 +70,9 @@ pub fn reflection_v1(service: &str) -> Result<
 }
 
 /// Server reflection v1alpha (what grpcurl 1.8 speaks), from the same descriptor sets.
-pub fn reflection_v1alpha(service: &str) -> Result<
+pub fn reflection_v1alpha(
+    service: &str,
+) -> Result<
     tonic_reflection::server::v1alpha::ServerReflectionServer<
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
