@@ -13,10 +13,31 @@ use tonic::transport::Channel;
 
 pub use contract;
 
+/// The database engine a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server tests create their databases on: `TEST_POSTGRES_URL`, by default
+/// `postgres://postgres@127.0.0.1:5432/postgres`.
+pub fn postgres_admin_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Whether PostgreSQL tests must run (CI=true): then an unreachable server fails the test
+/// instead of skipping it.
+fn postgres_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
 /// A fresh database for one test, removed when dropped.
 pub struct TestDb {
     pub url: String,
     dir: Option<PathBuf>,
+    postgres_name: Option<String>,
 }
 
 impl TestDb {
@@ -27,6 +48,47 @@ impl TestDb {
         Self {
             url: format!("sqlite://{}/nested/db.sqlite", dir.display()),
             dir: Some(dir),
+            postgres_name: None,
+        }
+    }
+
+    /// A new PostgreSQL database, or `None` when PostgreSQL is unreachable and not required.
+    pub async fn postgres() -> Option<Self> {
+        use sqlx::Connection as _;
+        let admin = postgres_admin_url();
+        let mut conn = match sqlx::PgConnection::connect(&admin).await {
+            Ok(conn) => conn,
+            Err(err) if !postgres_required() => {
+                eprintln!(
+                    "skipping: PostgreSQL unreachable at {admin} ({err}); set TEST_POSTGRES_URL"
+                );
+                return None;
+            }
+            Err(err) => {
+                panic!("PostgreSQL is required (CI=true) but unreachable at {admin}: {err}")
+            }
+        };
+        let name = format!("svc_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let _ = conn.close().await;
+        let base = admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(base, _)| base);
+        Some(Self {
+            url: format!("{base}/{name}"),
+            dir: None,
+            postgres_name: Some(name),
+        })
+    }
+
+    /// A fresh database on `backend` (`None`: PostgreSQL skipped).
+    pub async fn new(backend: Backend) -> Option<Self> {
+        match backend {
+            Backend::Sqlite => Some(Self::sqlite()),
+            Backend::Postgres => Self::postgres().await,
         }
     }
 }
@@ -36,7 +98,65 @@ impl Drop for TestDb {
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir_all(dir);
         }
+        if let Some(name) = self.postgres_name.take() {
+            // Drop runs inside the test's runtime: drop the database from a thread of its own.
+            let admin = postgres_admin_url();
+            let _ = std::thread::spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async move {
+                    use sqlx::Connection as _;
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut conn)
+                        .await;
+                    }
+                });
+            })
+            .join();
+        }
     }
+}
+
+/// Runs each named `async fn(Backend)` as two tests, `sqlite::NAME` and `postgres::NAME`.
+/// PostgreSQL tests skip when the server is unreachable, unless CI=true.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// A fresh database on `backend`, or return from the test (PostgreSQL skipped).
+#[macro_export]
+macro_rules! db_or_skip {
+    ($backend:expr) => {
+        match $crate::TestDb::new($backend).await {
+            Some(db) => db,
+            None => return,
+        }
+    };
 }
 
 /// A running directory-svc.

@@ -24,9 +24,9 @@ struct World {
     tricia: (dpb::User, String),
 }
 
-async fn world() -> World {
-    let ddb = TestDb::sqlite();
-    let bdb = TestDb::sqlite();
+async fn world(backend: Backend) -> Option<World> {
+    let ddb = TestDb::new(backend).await?;
+    let bdb = TestDb::new(backend).await?;
     let directory = DirectoryServer::start(&ddb).await;
     let billing = BillingServer::start(&bdb, &directory).await;
     let mut dir = directory.client().await;
@@ -53,7 +53,7 @@ async fn world() -> World {
     };
     let jane = add_user(&mut dir, &contoso, "jane", &[]).await;
     let tricia = add_user(&mut dir, &contoso, "tricia", &[]).await;
-    World {
+    Some(World {
         _ddb: ddb,
         _bdb: bdb,
         directory,
@@ -63,7 +63,7 @@ async fn world() -> World {
         contoso,
         jane,
         tricia,
-    }
+    })
 }
 
 fn buy(offer: &str, seats: i32, request_id: &str) -> bpb::CreateSubscriptionRequest {
@@ -91,9 +91,10 @@ async fn list_all(bill: &mut BillingServiceClient<Channel>, token: &str) -> Vec<
     page.subscriptions
 }
 
-#[tokio::test]
-async fn scenario_1_office_365_users_buy_azure() {
-    let mut w = world().await;
+async fn scenario_1_office_365_users_buy_azure(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let users_before = w
         .dir
         .list_users(authed(dpb::ListUsersRequest::default(), &w.contoso.token))
@@ -144,9 +145,10 @@ async fn scenario_1_office_365_users_buy_azure() {
     assert_eq!(got, sub);
 }
 
-#[tokio::test]
-async fn scenario_2_azure_users_buy_office_365() {
-    let mut w = world().await;
+async fn scenario_2_azure_users_buy_office_365(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let azure = w
         .bill
         .create_subscription(authed(buy("azure-pay-as-you-go", 0, ""), &w.contoso.token))
@@ -178,9 +180,10 @@ async fn scenario_2_azure_users_buy_office_365() {
     );
 }
 
-#[tokio::test]
-async fn purchases_need_global_or_billing_administrator_as_stored_now() {
-    let mut w = world().await;
+async fn purchases_need_global_or_billing_administrator_as_stored_now(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let (jane, jane_token) = w.jane.clone();
     let (tricia, tricia_token) = w.tricia.clone();
     expect_err(
@@ -234,9 +237,12 @@ async fn purchases_need_global_or_billing_administrator_as_stored_now() {
     );
 }
 
-#[tokio::test]
-async fn bad_purchases_are_invalid_argument_with_field_violations_and_write_nothing() {
-    let mut w = world().await;
+async fn bad_purchases_are_invalid_argument_with_field_violations_and_write_nothing(
+    backend: Backend,
+) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let token = w.contoso.token.clone();
     let cases: Vec<(bpb::CreateSubscriptionRequest, Vec<&str>)> = vec![
         (buy("", 0, ""), vec!["offer_id"]),
@@ -347,9 +353,10 @@ async fn bad_purchases_are_invalid_argument_with_field_violations_and_write_noth
     assert_eq!(details(&status).2, vec!["page_size"]);
 }
 
-#[tokio::test]
-async fn request_ids_make_purchases_idempotent() {
-    let mut w = world().await;
+async fn request_ids_make_purchases_idempotent(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let token = w.contoso.token.clone();
     let rid = uuid::Uuid::new_v4().to_string();
     let first = w
@@ -425,9 +432,10 @@ async fn request_ids_make_purchases_idempotent() {
     assert_eq!(list_all(&mut w.bill, &token).await.len(), 4);
 }
 
-#[tokio::test]
-async fn twenty_concurrent_identical_purchases_make_one_subscription() {
-    let mut w = world().await;
+async fn twenty_concurrent_identical_purchases_make_one_subscription(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let token = w.contoso.token.clone();
     let rid = uuid::Uuid::new_v4().to_string();
     let calls = (0..20).map(|_| {
@@ -444,9 +452,10 @@ async fn twenty_concurrent_identical_purchases_make_one_subscription() {
     assert_eq!(list_all(&mut w.bill, &token).await.len(), 1);
 }
 
-#[tokio::test]
-async fn one_free_trial_per_user_even_when_racing() {
-    let mut w = world().await;
+async fn one_free_trial_per_user_even_when_racing(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let token = w.contoso.token.clone();
     let calls = (0..10).map(|i| {
         let mut bill = w.bill.clone();
@@ -495,9 +504,10 @@ async fn one_free_trial_per_user_even_when_racing() {
     assert_eq!(list_all(&mut w.bill, &token).await.len(), 2);
 }
 
-#[tokio::test]
-async fn visibility_owner_admin_other_user_and_other_directory() {
-    let mut w = world().await;
+async fn visibility_owner_admin_other_user_and_other_directory(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let admin = w.contoso.token.clone();
     let (tricia, tricia_token) = w.tricia.clone();
     let (_, jane_token) = w.jane.clone();
@@ -618,9 +628,10 @@ async fn visibility_owner_admin_other_user_and_other_directory() {
     assert_eq!(still.state, bpb::SubscriptionState::Active as i32);
 }
 
-#[tokio::test]
-async fn cancel_rules_and_idempotent_cancel() {
-    let mut w = world().await;
+async fn cancel_rules_and_idempotent_cancel(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let admin = w.contoso.token.clone();
     let (tricia, tricia_token) = w.tricia.clone();
     let (_, jane_token) = w.jane.clone();
@@ -727,9 +738,10 @@ async fn cancel_rules_and_idempotent_cancel() {
     );
 }
 
-#[tokio::test]
-async fn list_subscriptions_pages_and_refuses_foreign_tokens() {
-    let mut w = world().await;
+async fn list_subscriptions_pages_and_refuses_foreign_tokens(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let admin = w.contoso.token.clone();
     for i in 0..7 {
         w.bill
@@ -835,9 +847,10 @@ async fn list_subscriptions_pages_and_refuses_foreign_tokens() {
     }
 }
 
-#[tokio::test]
-async fn tokens_are_checked_by_the_directory() {
-    let mut w = world().await;
+async fn tokens_are_checked_by_the_directory(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let offers = w
         .bill
         .list_offers(bpb::ListOffersRequest {})
@@ -923,10 +936,12 @@ async fn tokens_are_checked_by_the_directory() {
     );
 }
 
-#[tokio::test]
-async fn directory_down_is_unavailable_within_the_deadline_and_recovers_without_restarting_billing()
-{
-    let mut w = world().await;
+async fn directory_down_is_unavailable_within_the_deadline_and_recovers_without_restarting_billing(
+    backend: Backend,
+) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
     let token = w.contoso.token.clone();
     let directory_addr = w.directory.addr;
     w.directory.stop().await;
@@ -982,10 +997,9 @@ async fn black_hole() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
-#[tokio::test]
-async fn a_hanging_directory_is_cut_off_at_the_deadline() {
+async fn a_hanging_directory_is_cut_off_at_the_deadline(backend: Backend) {
     let (addr, hole) = black_hole().await;
-    let bdb = TestDb::sqlite();
+    let bdb = db_or_skip!(backend);
     let mut config = billing_config(&bdb, &format!("http://{addr}"));
     config.directory_timeout = Duration::from_millis(400);
     let billing = BillingServer::start_with(config).await;
@@ -1027,11 +1041,12 @@ async fn a_hanging_directory_is_cut_off_at_the_deadline() {
     hole.abort();
 }
 
-#[tokio::test]
-async fn billing_serves_health_and_shuts_down_cleanly() {
+async fn billing_serves_health_and_shuts_down_cleanly(backend: Backend) {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let w = world().await;
+    let Some(w) = world(backend).await else {
+        return;
+    };
     let channel = Channel::from_shared(format!("http://{}", w.billing.addr))
         .expect("url")
         .connect()
@@ -1050,3 +1065,20 @@ async fn billing_serves_health_and_shuts_down_cleanly() {
     }
     w.billing.stop().await;
 }
+
+on_both_backends!(
+    scenario_1_office_365_users_buy_azure,
+    scenario_2_azure_users_buy_office_365,
+    purchases_need_global_or_billing_administrator_as_stored_now,
+    bad_purchases_are_invalid_argument_with_field_violations_and_write_nothing,
+    request_ids_make_purchases_idempotent,
+    twenty_concurrent_identical_purchases_make_one_subscription,
+    one_free_trial_per_user_even_when_racing,
+    visibility_owner_admin_other_user_and_other_directory,
+    cancel_rules_and_idempotent_cancel,
+    list_subscriptions_pages_and_refuses_foreign_tokens,
+    tokens_are_checked_by_the_directory,
+    directory_down_is_unavailable_within_the_deadline_and_recovers_without_restarting_billing,
+    a_hanging_directory_is_cut_off_at_the_deadline,
+    billing_serves_health_and_shuts_down_cleanly,
+);

@@ -40,9 +40,8 @@ async fn all_upns(
         .collect()
 }
 
-#[tokio::test]
-async fn sign_up_creates_the_directory_and_its_global_administrator() {
-    let db = TestDb::sqlite();
+async fn sign_up_creates_the_directory_and_its_global_administrator(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
 
@@ -105,9 +104,8 @@ async fn sign_up_creates_the_directory_and_its_global_administrator() {
     assert_eq!(got, directory);
 }
 
-#[tokio::test]
-async fn a_taken_prefix_in_any_letter_case_is_already_exists() {
-    let db = TestDb::sqlite();
+async fn a_taken_prefix_in_any_letter_case_is_already_exists(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     sign_up(&mut client, "fabrikam").await;
@@ -123,9 +121,8 @@ async fn a_taken_prefix_in_any_letter_case_is_already_exists() {
     expect_err(again, Code::AlreadyExists, "DOMAIN_PREFIX_TAKEN");
 }
 
-#[tokio::test]
-async fn concurrent_sign_ups_for_one_prefix_have_exactly_one_winner() {
-    let db = TestDb::sqlite();
+async fn concurrent_sign_ups_for_one_prefix_have_exactly_one_winner(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let client = server.client().await;
     let attempts = (0..8).map(|i| {
@@ -154,9 +151,8 @@ async fn concurrent_sign_ups_for_one_prefix_have_exactly_one_winner() {
     }
 }
 
-#[tokio::test]
-async fn sign_up_validates_every_field_and_names_each_bad_one() {
-    let db = TestDb::sqlite();
+async fn sign_up_validates_every_field_and_names_each_bad_one(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let status = expect_err(
@@ -220,9 +216,8 @@ async fn sign_up_validates_every_field_and_names_each_bad_one() {
     assert!(fine.is_ok(), "{fine:?}");
 }
 
-#[tokio::test]
-async fn unknown_user_and_wrong_password_are_indistinguishable() {
-    let db = TestDb::sqlite();
+async fn unknown_user_and_wrong_password_are_indistinguishable(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let tenant = sign_up(&mut client, "contoso").await;
@@ -257,9 +252,8 @@ async fn unknown_user_and_wrong_password_are_indistinguishable() {
     assert_eq!(details(&status).2, vec!["user_principal_name", "password"]);
 }
 
-#[tokio::test]
-async fn calls_without_a_valid_token_are_unauthenticated() {
-    let db = TestDb::sqlite();
+async fn calls_without_a_valid_token_are_unauthenticated(backend: Backend) {
+    let db = db_or_skip!(backend);
     let mut config = directory_config(&db);
     config.token_ttl = Duration::from_secs(1);
     let server = DirectoryServer::start_with(config).await;
@@ -321,9 +315,8 @@ async fn calls_without_a_valid_token_are_unauthenticated() {
     );
 }
 
-#[tokio::test]
-async fn create_user_validates_fields_and_writes_nothing_when_refused() {
-    let db = TestDb::sqlite();
+async fn create_user_validates_fields_and_writes_nothing_when_refused(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
@@ -452,9 +445,8 @@ async fn create_user_validates_fields_and_writes_nothing_when_refused() {
     );
 }
 
-#[tokio::test]
-async fn a_upn_taken_in_another_letter_case_is_already_exists() {
-    let db = TestDb::sqlite();
+async fn a_upn_taken_in_another_letter_case_is_already_exists(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
@@ -479,9 +471,10 @@ async fn a_upn_taken_in_another_letter_case_is_already_exists() {
     );
 }
 
-#[tokio::test]
-async fn only_global_and_user_administrators_create_users_and_only_global_grants_roles() {
-    let db = TestDb::sqlite();
+async fn only_global_and_user_administrators_create_users_and_only_global_grants_roles(
+    backend: Backend,
+) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
@@ -544,9 +537,8 @@ async fn only_global_and_user_administrators_create_users_and_only_global_grants
     );
 }
 
-#[tokio::test]
-async fn get_user_by_id_and_upn_within_the_directory() {
-    let db = TestDb::sqlite();
+async fn get_user_by_id_and_upn_within_the_directory(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
@@ -601,9 +593,8 @@ async fn get_user_by_id_and_upn_within_the_directory() {
     assert_eq!(details(&status).2, vec!["user_id"]);
 }
 
-#[tokio::test]
-async fn ids_of_another_directory_answer_exactly_like_missing_ids() {
-    let db = TestDb::sqlite();
+async fn ids_of_another_directory_answer_exactly_like_missing_ids(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let contoso = sign_up(&mut client, "contoso").await;
@@ -730,9 +721,8 @@ async fn ids_of_another_directory_answer_exactly_like_missing_ids() {
     assert!(upns.contains(&fab_user.user_principal_name));
 }
 
-#[tokio::test]
-async fn paging_ten_users_by_three_gives_four_pages_with_each_user_once() {
-    let db = TestDb::sqlite();
+async fn paging_ten_users_by_three_gives_four_pages_with_each_user_once(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
@@ -914,9 +904,8 @@ async fn paging_ten_users_by_three_gives_four_pages_with_each_user_once() {
     assert_eq!(details(&status).2, vec!["role"]);
 }
 
-#[tokio::test]
-async fn default_page_size_is_fifty() {
-    let db = TestDb::sqlite();
+async fn default_page_size_is_fifty(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
@@ -938,9 +927,8 @@ async fn default_page_size_is_fifty() {
     assert!(!page.next_page_token.is_empty());
 }
 
-#[tokio::test]
-async fn set_user_roles_rules() {
-    let db = TestDb::sqlite();
+async fn set_user_roles_rules(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
@@ -1067,9 +1055,8 @@ async fn set_user_roles_rules() {
     assert_eq!(details(&status).2, vec!["roles[0]"]);
 }
 
-#[tokio::test]
-async fn delete_user_rules_and_deleted_tokens_stop_working() {
-    let db = TestDb::sqlite();
+async fn delete_user_rules_and_deleted_tokens_stop_working(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
@@ -1215,9 +1202,10 @@ async fn delete_user_rules_and_deleted_tokens_stop_working() {
     assert_eq!(details(&status).2, vec!["user_id"]);
 }
 
-#[tokio::test]
-async fn concurrent_demotions_never_leave_a_directory_without_a_global_administrator() {
-    let db = TestDb::sqlite();
+async fn concurrent_demotions_never_leave_a_directory_without_a_global_administrator(
+    backend: Backend,
+) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
@@ -1258,9 +1246,8 @@ async fn concurrent_demotions_never_leave_a_directory_without_a_global_administr
     assert_eq!(admins.users.len(), 1);
 }
 
-#[tokio::test]
-async fn authorize_decides_from_roles_as_stored_now() {
-    let db = TestDb::sqlite();
+async fn authorize_decides_from_roles_as_stored_now(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
@@ -1350,9 +1337,8 @@ async fn authorize_decides_from_roles_as_stored_now() {
     }
 }
 
-#[tokio::test]
-async fn a_restart_keeps_directories_users_and_valid_tokens() {
-    let db = TestDb::sqlite();
+async fn a_restart_keeps_directories_users_and_valid_tokens(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
@@ -1372,11 +1358,10 @@ async fn a_restart_keeps_directories_users_and_valid_tokens() {
     assert_eq!(all_upns(&mut client, &t.token).await.len(), 2);
 }
 
-#[tokio::test]
-async fn health_and_reflection_are_served() {
+async fn health_and_reflection_are_served(backend: Backend) {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let db = TestDb::sqlite();
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut health = HealthClient::new(server.channel().await);
     for service in ["", "directory.v1.DirectoryService"] {
@@ -1435,9 +1420,8 @@ async fn health_and_reflection_are_served() {
     );
 }
 
-#[tokio::test]
-async fn request_ids_are_echoed_or_generated() {
-    let db = TestDb::sqlite();
+async fn request_ids_are_echoed_or_generated(backend: Backend) {
+    let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
     let mut client = server.client().await;
     let mut request = tonic::Request::new(pb::SignInRequest {
@@ -1466,3 +1450,26 @@ async fn request_ids_are_echoed_or_generated() {
         .unwrap_or_default();
     assert!(uuid::Uuid::parse_str(generated).is_ok(), "{generated:?}");
 }
+
+on_both_backends!(
+    sign_up_creates_the_directory_and_its_global_administrator,
+    a_taken_prefix_in_any_letter_case_is_already_exists,
+    concurrent_sign_ups_for_one_prefix_have_exactly_one_winner,
+    sign_up_validates_every_field_and_names_each_bad_one,
+    unknown_user_and_wrong_password_are_indistinguishable,
+    calls_without_a_valid_token_are_unauthenticated,
+    create_user_validates_fields_and_writes_nothing_when_refused,
+    a_upn_taken_in_another_letter_case_is_already_exists,
+    only_global_and_user_administrators_create_users_and_only_global_grants_roles,
+    get_user_by_id_and_upn_within_the_directory,
+    ids_of_another_directory_answer_exactly_like_missing_ids,
+    paging_ten_users_by_three_gives_four_pages_with_each_user_once,
+    default_page_size_is_fifty,
+    set_user_roles_rules,
+    delete_user_rules_and_deleted_tokens_stop_working,
+    concurrent_demotions_never_leave_a_directory_without_a_global_administrator,
+    authorize_decides_from_roles_as_stored_now,
+    a_restart_keeps_directories_users_and_valid_tokens,
+    health_and_reflection_are_served,
+    request_ids_are_echoed_or_generated,
+);
