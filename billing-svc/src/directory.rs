@@ -1,8 +1,12 @@
-//! The client side of `directory.v1.DirectoryService.Authorize`: one shared channel (lazily
-//! connected, reconnecting by itself), a deadline on every call (the smaller of the caller's
-//! remaining deadline and the configured directory timeout), and retries with backoff only on
-//! UNAVAILABLE, which is safe because Authorize reads nothing but writes nothing either.
+//! The client side of `directory.v1.DirectoryService.Authorize`: one shared channel per
+//! directory replica (lazily connected, reconnecting by itself), round-robin over the replicas
+//! that are not marked down, a deadline on every call (the smaller of the caller's remaining
+//! deadline and the configured directory timeout), and retries only on UNAVAILABLE, which is
+//! safe because Authorize changes nothing. A replica that fails is marked down for a moment,
+//! so calls go to the others at once instead of waiting on it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -17,11 +21,24 @@ use crate::domain::{Authorizer, CallContext, Caller, Check, Error, Result};
 const ANSWER_MARGIN: Duration = Duration::from_millis(20);
 const FIRST_BACKOFF: Duration = Duration::from_millis(25);
 const MAX_BACKOFF: Duration = Duration::from_millis(400);
+/// How long a replica that failed is passed over while others are up.
+const MARK_DOWN: Duration = Duration::from_secs(2);
+
+/// One directory replica.
+#[derive(Debug)]
+struct Replica {
+    url: String,
+    client: DirectoryServiceClient<Channel>,
+    /// Until when (milliseconds since `GrpcDirectory::epoch`) this replica is passed over.
+    down_until_ms: AtomicU64,
+}
 
 /// directory-svc over gRPC.
 #[derive(Debug, Clone)]
 pub struct GrpcDirectory {
-    client: DirectoryServiceClient<Channel>,
+    replicas: Arc<[Replica]>,
+    next: Arc<AtomicUsize>,
+    epoch: Instant,
     timeout: Duration,
 }
 
@@ -30,28 +47,57 @@ impl GrpcDirectory {
     /// until the first call, so billing starts while the directory is down.
     pub fn new(urls: &[String], timeout: Duration) -> anyhow::Result<Self> {
         anyhow::ensure!(!urls.is_empty(), "at least one directory URL is needed");
-        let endpoints = urls
+        let replicas = urls
             .iter()
             .map(|url| {
-                Endpoint::from_shared(url.clone())
-                    .map(|e| {
-                        e.connect_timeout(timeout)
-                            .tcp_nodelay(true)
-                            .http2_keep_alive_interval(Duration::from_secs(20))
-                            .keep_alive_timeout(Duration::from_secs(5))
-                            .keep_alive_while_idle(true)
-                    })
-                    .map_err(|e| anyhow::anyhow!("invalid directory URL {url:?}: {e}"))
+                let endpoint = Endpoint::from_shared(url.clone())
+                    .map_err(|e| anyhow::anyhow!("invalid directory URL {url:?}: {e}"))?
+                    .connect_timeout(timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(20))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .keep_alive_while_idle(true);
+                Ok(Replica {
+                    url: url.clone(),
+                    client: DirectoryServiceClient::new(endpoint.connect_lazy()),
+                    down_until_ms: AtomicU64::new(0),
+                })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let channel = match endpoints.as_slice() {
-            [one] => one.connect_lazy(),
-            _ => Channel::balance_list(endpoints.into_iter()),
-        };
         Ok(Self {
-            client: DirectoryServiceClient::new(channel),
+            replicas: replicas.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+            epoch: Instant::now(),
             timeout,
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The next replica in turn that is not marked down; if all are, the next in turn.
+    fn pick(&self) -> &Replica {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        let count = self.replicas.len();
+        (0..count)
+            .map(|i| &self.replicas[(start + i) % count])
+            .find(|r| r.down_until_ms.load(Ordering::Relaxed) <= now)
+            .unwrap_or(&self.replicas[start % count])
+    }
+
+    fn mark_down(&self, replica: &Replica) {
+        let until = self.now_ms().saturating_add(MARK_DOWN.as_millis() as u64);
+        replica.down_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// Whether another replica than `failed` is up to take a retry at once.
+    fn another_is_up(&self, failed: &Replica) -> bool {
+        let now = self.now_ms();
+        self.replicas
+            .iter()
+            .any(|r| !std::ptr::eq(r, failed) && r.down_until_ms.load(Ordering::Relaxed) <= now)
     }
 
     fn deadline(&self, call: &CallContext) -> Instant {
@@ -97,13 +143,16 @@ impl Authorizer for GrpcDirectory {
             if let Some(id) = &request_id {
                 request.metadata_mut().insert("x-request-id", id.clone());
             }
-            let mut client = self.client.clone();
+            let replica = self.pick();
+            let mut client = replica.client.clone();
             let status = match tokio::time::timeout(remaining, client.authorize(request)).await {
                 Err(_elapsed) => {
                     tracing::warn!(
+                        replica = %replica.url,
                         timeout_ms = remaining.as_millis() as u64,
                         "directory did not answer in time"
                     );
+                    self.mark_down(replica);
                     return Err(Error::DirectoryUnavailable);
                 }
                 Ok(Ok(answer)) => {
@@ -119,7 +168,12 @@ impl Authorizer for GrpcDirectory {
             };
             match status.code() {
                 Code::Unauthenticated => return Err(Error::InvalidToken),
+                Code::Unavailable if self.another_is_up(replica) => {
+                    tracing::debug!(replica = %replica.url, "directory replica unavailable; trying another");
+                    self.mark_down(replica);
+                }
                 Code::Unavailable if Instant::now() + backoff < deadline => {
+                    self.mark_down(replica);
                     tracing::debug!(
                         backoff_ms = backoff.as_millis() as u64,
                         "directory unavailable; retrying"

@@ -3,6 +3,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -170,15 +172,28 @@ fn sane_request_id(value: &http::HeaderValue) -> Option<&str> {
     (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())).then_some(s)
 }
 
-/// Tower layer giving every RPC a `tracing` span (method, request id, gRPC code, latency).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcTraceLayer;
+/// Tower layer giving every RPC a `tracing` span (method, request id, gRPC code, latency),
+/// and counting the calls in flight so a shutdown knows when the drain is done.
+#[derive(Debug, Clone, Default)]
+pub struct RpcTraceLayer {
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl RpcTraceLayer {
+    /// How many calls are being handled now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
 
 impl<S> tower::Layer<S> for RpcTraceLayer {
     type Service = RpcTrace<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcTrace { inner }
+        RpcTrace {
+            inner,
+            in_flight: self.in_flight.clone(),
+        }
     }
 }
 
@@ -186,6 +201,23 @@ impl<S> tower::Layer<S> for RpcTraceLayer {
 #[derive(Debug, Clone)]
 pub struct RpcTrace<S> {
     inner: S,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Decrements the in-flight count when a call ends, however it ends.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for RpcTrace<S>
@@ -220,6 +252,7 @@ where
             latency_us = tracing::field::Empty,
         );
         request.extensions_mut().insert(RequestId(id.clone()));
+        let in_flight = InFlight::enter(&self.in_flight);
         let started = Instant::now();
         let future = {
             let _entered = span.enter();
@@ -227,6 +260,7 @@ where
         };
         Box::pin(
             async move {
+                let _in_flight = in_flight;
                 let mut result = future.await;
                 let span = tracing::Span::current();
                 span.record("latency_us", started.elapsed().as_micros() as u64);
@@ -310,7 +344,9 @@ pub struct ServeOptions {
 }
 
 /// Serves `routes` (plus health and reflection) on `listener` until `shutdown` completes, then
-/// reports NOT_SERVING, stops accepting and drains in-flight calls for at most `drain`.
+/// reports NOT_SERVING, stops accepting (GOAWAY on open connections) and drains: it returns
+/// once no call has been in flight for a short while, or after `drain` at the latest. Idle
+/// client connections (a billing replica keeps one to the directory) do not hold it up.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     routes: tonic::service::Routes,
@@ -325,8 +361,9 @@ pub async fn serve(
         .add_service(reflection_v1(options.service_name)?)
         .add_service(reflection_v1alpha(options.service_name)?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let tracer = RpcTraceLayer::default();
     let server = tonic::transport::Server::builder()
-        .layer(RpcTraceLayer)
+        .layer(tracer.clone())
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -343,9 +380,26 @@ pub async fn serve(
     tracing::info!("shutting down: draining in-flight calls");
     set_not_serving(&health, options.service_name).await;
     let _ = stop_tx.send(());
-    match tokio::time::timeout(options.drain, server).await {
-        Ok(result) => result.context("server failed while draining")?,
-        Err(_) => tracing::warn!("drain time exceeded; exiting with calls in flight"),
+    let quiet = async {
+        // In flight now or within the last 100 ms: keep draining.
+        let mut quiet_since: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            if tracer.in_flight() > 0 {
+                quiet_since = None;
+            } else if quiet_since.get_or_insert_with(Instant::now).elapsed()
+                >= std::time::Duration::from_millis(100)
+            {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        result = &mut server => result.context("server failed while draining")?,
+        () = quiet => tracing::info!("no calls in flight; closing idle connections"),
+        () = tokio::time::sleep(options.drain) => {
+            tracing::warn!(in_flight = tracer.in_flight(), "drain time exceeded; exiting with calls in flight");
+        }
     }
     tracing::info!("stopped");
     Ok(())

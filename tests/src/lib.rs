@@ -13,6 +13,8 @@ use tonic::transport::Channel;
 
 pub use contract;
 
+pub mod process;
+
 /// The database engine a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -1,0 +1,150 @@
+//! The real binaries as child processes: for tests that kill, restart or run several replicas.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The path of a workspace binary (`directory-svc`, `billing-svc`), built once per test run
+/// with the profile the tests were built with.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("test executable lives in target/<profile>/deps")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut build = Command::new(cargo);
+        build.args([
+            "build",
+            "--bins",
+            "-p",
+            "directory-svc",
+            "-p",
+            "billing-svc",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building the service binaries failed");
+        profile_dir
+    });
+    dir.join(name)
+}
+
+/// A service running as a child process; killed when dropped.
+pub struct Proc {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `binary` with `args` plus `--listen 127.0.0.1:0 --log-format json`, and waits
+    /// until it logs the address it serves on.
+    pub fn start(binary_name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(binary(binary_name));
+        command
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn service");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(addr) = serving_addr(&line) {
+                        let _ = tx.send(addr);
+                        sent = true;
+                    }
+                }
+                if std::env::var_os("TEST_SHOW_SERVICE_LOGS").is_some() {
+                    eprintln!("{line}");
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{binary_name} did not start serving"));
+        Self { addr, child }
+    }
+
+    /// directory-svc on `database_url`, with argon2 at its cheapest.
+    pub fn directory(database_url: &str) -> Self {
+        Self::start(
+            "directory-svc",
+            &[
+                "--database-url",
+                database_url,
+                "--argon2-memory-kib",
+                "64",
+                "--argon2-iterations",
+                "1",
+            ],
+            &[],
+        )
+    }
+
+    /// billing-svc on `database_url`, talking to `directory_urls` (comma-separated).
+    pub fn billing(database_url: &str, directory_urls: &str) -> Self {
+        Self::start(
+            "billing-svc",
+            &[
+                "--database-url",
+                database_url,
+                "--directory-url",
+                directory_urls,
+            ],
+            &[],
+        )
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL: no drain, no cleanup.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait for the service")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `addr` of the JSON log line `serving`.
+fn serving_addr(line: &str) -> Option<SocketAddr> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = value.get("fields")?;
+    if fields.get("message")?.as_str()? != "serving" {
+        return None;
+    }
+    fields.get("addr")?.as_str()?.parse().ok()
+}
