@@ -66,11 +66,9 @@ impl Proc {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(addr) = serving_addr(&line) {
-                        let _ = tx.send(addr);
-                        sent = true;
-                    }
+                if let Some(addr) = serving_addr(&line).filter(|_| !sent) {
+                    let _ = tx.send(addr);
+                    sent = true;
                 }
                 if std::env::var_os("TEST_SHOW_SERVICE_LOGS").is_some() {
                     eprintln!("{line}");
