@@ -1,6 +1,5 @@
 //! Command-line flags (each with an environment variable) and the settings they produce.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -10,9 +9,9 @@ use contract::db::PoolSettings;
 #[derive(Debug, Parser)]
 #[command(name = "billing-svc", version, about)]
 pub struct Cli {
-    /// Address to listen on for gRPC.
+    /// Address to listen on for gRPC: HOST:PORT (a name or an IP; port 0 picks a free port).
     #[arg(long, env = "BILLING_LISTEN", default_value = "127.0.0.1:50052")]
-    pub listen: SocketAddr,
+    pub listen: String,
 
     /// Database URL: sqlite://PATH (created on first start) or postgres://USER@HOST/DB.
     #[arg(
@@ -61,7 +60,7 @@ pub enum LogFormat {
 /// Everything the server needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
+    pub listen: String,
     pub database_url: String,
     pub directory_urls: Vec<String>,
     pub directory_timeout: Duration,
@@ -72,12 +71,12 @@ pub struct Config {
 impl Config {
     /// Settings with every value but these at its default.
     pub fn new(
-        listen: SocketAddr,
+        listen: impl Into<String>,
         database_url: impl Into<String>,
         directory_url: impl Into<String>,
     ) -> Self {
         Self {
-            listen,
+            listen: listen.into(),
             database_url: database_url.into(),
             directory_urls: vec![directory_url.into()],
             directory_timeout: Duration::from_secs(2),
@@ -90,7 +89,7 @@ impl Config {
 impl From<&Cli> for Config {
     fn from(cli: &Cli) -> Self {
         Self {
-            listen: cli.listen,
+            listen: cli.listen.clone(),
             database_url: cli.database_url.clone(),
             directory_urls: cli
                 .directory_url

@@ -17,8 +17,11 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::domain::{Authorizer, CallContext, Caller, Check, Error, Result};
 
-/// Time kept back from the caller's deadline so our answer reaches them before it expires.
-const ANSWER_MARGIN: Duration = Duration::from_millis(20);
+/// Time kept back from the caller's deadline so our answer reaches them before it (and
+/// tonic's own timeout) expires: a tenth of what is left, between 10 and 100 ms.
+fn answer_margin(left: Duration) -> Duration {
+    (left / 10).clamp(Duration::from_millis(10), Duration::from_millis(100))
+}
 const FIRST_BACKOFF: Duration = Duration::from_millis(25);
 const MAX_BACKOFF: Duration = Duration::from_millis(400);
 /// How long a replica that failed is passed over while others are up.
@@ -103,7 +106,10 @@ impl GrpcDirectory {
     fn deadline(&self, call: &CallContext) -> Instant {
         let ours = Instant::now() + self.timeout;
         match call.deadline {
-            Some(theirs) => ours.min(theirs.checked_sub(ANSWER_MARGIN).unwrap_or(theirs)),
+            Some(theirs) => {
+                let left = theirs.saturating_duration_since(Instant::now());
+                ours.min(theirs.checked_sub(answer_margin(left)).unwrap_or(theirs))
+            }
             None => ours,
         }
     }
@@ -136,7 +142,6 @@ impl Authorizer for GrpcDirectory {
             let mut request = tonic::Request::new(dpb::AuthorizeRequest {
                 action: action(check) as i32,
             });
-            request.set_timeout(remaining);
             request
                 .metadata_mut()
                 .insert("authorization", bearer.clone());
@@ -144,15 +149,23 @@ impl Authorizer for GrpcDirectory {
                 request.metadata_mut().insert("x-request-id", id.clone());
             }
             let replica = self.pick();
+            // With another replica up, give this one half of the time left, so a replica that
+            // hangs costs half the budget and the other still gets its turn.
+            let failover = self.another_is_up(replica);
+            let attempt = if failover { remaining / 2 } else { remaining };
+            request.set_timeout(attempt);
             let mut client = replica.client.clone();
-            let status = match tokio::time::timeout(remaining, client.authorize(request)).await {
+            let status = match tokio::time::timeout(attempt, client.authorize(request)).await {
                 Err(_elapsed) => {
                     tracing::warn!(
                         replica = %replica.url,
-                        timeout_ms = remaining.as_millis() as u64,
-                        "directory did not answer in time"
+                        timeout_ms = attempt.as_millis() as u64,
+                        "directory replica did not answer in time"
                     );
                     self.mark_down(replica);
+                    if failover {
+                        continue;
+                    }
                     return Err(Error::DirectoryUnavailable);
                 }
                 Ok(Ok(answer)) => {
@@ -180,6 +193,9 @@ impl Authorizer for GrpcDirectory {
                     );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Code::DeadlineExceeded | Code::Cancelled if self.another_is_up(replica) => {
+                    self.mark_down(replica);
                 }
                 Code::Unavailable
                 | Code::DeadlineExceeded

@@ -1,6 +1,5 @@
 //! Command-line flags (each with an environment variable) and the settings they produce.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -12,9 +11,9 @@ use crate::domain::passwords::Argon2Cost;
 #[derive(Debug, Parser)]
 #[command(name = "directory-svc", version, about)]
 pub struct Cli {
-    /// Address to listen on for gRPC.
+    /// Address to listen on for gRPC: HOST:PORT (a name or an IP; port 0 picks a free port).
     #[arg(long, env = "DIRECTORY_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
+    pub listen: String,
 
     /// Database URL: sqlite://PATH (created on first start) or postgres://USER@HOST/DB.
     #[arg(
@@ -62,7 +61,7 @@ pub enum LogFormat {
 /// Everything the server needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
+    pub listen: String,
     pub database_url: String,
     pub pool: PoolSettings,
     pub token_ttl: Duration,
@@ -72,9 +71,9 @@ pub struct Config {
 
 impl Config {
     /// Settings for `database_url` with every other value at its default.
-    pub fn new(listen: SocketAddr, database_url: impl Into<String>) -> Self {
+    pub fn new(listen: impl Into<String>, database_url: impl Into<String>) -> Self {
         Self {
-            listen,
+            listen: listen.into(),
             database_url: database_url.into(),
             pool: PoolSettings::default(),
             token_ttl: Duration::from_secs(3600),
@@ -87,7 +86,7 @@ impl Config {
 impl From<&Cli> for Config {
     fn from(cli: &Cli) -> Self {
         Self {
-            listen: cli.listen,
+            listen: cli.listen.clone(),
             database_url: cli.database_url.clone(),
             pool: PoolSettings {
                 max_connections: cli.db_max_connections,

@@ -62,9 +62,26 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Display names, after trimming, are at most this many characters.
 pub const MAX_DISPLAY_NAME_CHARS: usize = 256;
 
-/// A display name: 1..=256 characters after trimming, no control characters. Returns the
+/// Invisible characters that reorder or hide text: bidirectional overrides and isolates,
+/// zero-width characters, the byte-order mark. Refused in names so a name cannot pose as
+/// another.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// A display name: 1..=256 characters after trimming, no control characters (anywhere, even
+/// where trimming would drop them) and no invisible formatting characters. Returns the
 /// trimmed name.
 pub fn display_name(field: &str, raw: &str) -> Result<String, Violation> {
+    if raw.chars().any(char::is_control) {
+        return Err(Violation::new(field, "must not contain control characters"));
+    }
+    if raw.chars().any(is_invisible_format) {
+        return Err(Violation::new(
+            field,
+            "must not contain invisible formatting characters",
+        ));
+    }
     let trimmed = raw.trim();
     let chars = trimmed.chars().count();
     if chars == 0 {
@@ -75,9 +92,6 @@ pub fn display_name(field: &str, raw: &str) -> Result<String, Violation> {
             field,
             format!("must be at most {MAX_DISPLAY_NAME_CHARS} characters, got {chars}"),
         ));
-    }
-    if trimmed.chars().any(char::is_control) {
-        return Err(Violation::new(field, "must not contain control characters"));
     }
     Ok(trimmed.to_owned())
 }
@@ -115,6 +129,10 @@ mod tests {
         assert_eq!(display_name("f", "  Contoso  ").as_deref(), Ok("Contoso"));
         assert!(display_name("f", "   ").is_err());
         assert!(display_name("f", "a\u{7}b").is_err());
+        assert!(display_name("f", "Bob\n").is_err());
+        assert!(display_name("f", "\tBob").is_err());
+        assert!(display_name("f", "Bob\u{202E}gnp.exe").is_err());
+        assert!(display_name("f", "Bo\u{200B}b").is_err());
         assert!(display_name("f", &"é".repeat(256)).is_ok());
         assert!(display_name("f", &"é".repeat(257)).is_err());
     }

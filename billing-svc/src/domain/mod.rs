@@ -138,7 +138,9 @@ impl Service {
         &offers::CATALOGUE
     }
 
-    async fn caller(&self, call: &CallContext, check: Check) -> Result<Caller> {
+    /// Who is calling, as the directory says, and whether `check` passed. The first step of
+    /// every authenticated call: a bad token fails here, before the request is even validated.
+    pub async fn caller(&self, call: &CallContext, check: Check) -> Result<Caller> {
         let token = call.token.as_deref().ok_or(Error::MissingToken)?;
         self.directory.authorize(token, call, check).await
     }
@@ -155,23 +157,24 @@ impl Service {
 
     /// Buys an offer: authorised by the directory, placed in the caller's directory, owned by
     /// the caller (Azure) or the directory (Office 365). With a request_id, a retry of the
-    /// same request returns the first subscription.
+    /// same request returns the first subscription, even if the caller has since lost the
+    /// purchasing role: that purchase was authorised when it was made. `caller` comes from
+    /// [`Check::Purchase`].
     pub async fn create_subscription(
         &self,
-        call: &CallContext,
+        caller: &Caller,
         new: NewSubscription,
     ) -> Result<Subscription> {
-        let caller = self.caller(call, Check::Purchase).await?;
-        if !caller.allowed {
-            return Err(Error::PermissionDenied(caller.reason));
-        }
         let fingerprint = new.fingerprint();
         let request_id = new.request_id.map(|id| id.to_string());
         if let Some(first) = self
-            .replay(&caller, request_id.as_deref(), &fingerprint)
+            .replay(caller, request_id.as_deref(), &fingerprint)
             .await?
         {
             return Ok(first);
+        }
+        if !caller.allowed {
+            return Err(Error::PermissionDenied(caller.reason.clone()));
         }
         let subscription = Subscription {
             id: uuid::Uuid::new_v4().to_string(),
@@ -194,7 +197,7 @@ impl Service {
             Err(StoreError::Conflict) => {
                 // A concurrent twin of this request won the unique index: answer with its row.
                 if let Some(first) = self
-                    .replay(&caller, request_id.as_deref(), &fingerprint)
+                    .replay(caller, request_id.as_deref(), &fingerprint)
                     .await?
                 {
                     return Ok(first);
@@ -234,13 +237,8 @@ impl Service {
     }
 
     /// Admins of the directory see any of its subscriptions; other users those they own.
-    pub async fn get_subscription(
-        &self,
-        call: &CallContext,
-        id: uuid::Uuid,
-    ) -> Result<Subscription> {
-        let caller = self.caller(call, Check::Manage).await?;
-        let subscription = self.visible(&caller, id).await?;
+    pub async fn get_subscription(&self, caller: &Caller, id: uuid::Uuid) -> Result<Subscription> {
+        let subscription = self.visible(caller, id).await?;
         if caller.allowed || subscription.owned_by(&caller.user_id) {
             Ok(subscription)
         } else {
@@ -254,10 +252,9 @@ impl Service {
     /// A page of what the caller may see, oldest first.
     pub async fn list_subscriptions(
         &self,
-        call: &CallContext,
+        caller: &Caller,
         query: ListQuery,
     ) -> Result<SubscriptionPage> {
-        let caller = self.caller(call, Check::Manage).await?;
         let owner = (!caller.allowed).then_some(caller.user_id.as_str());
         let scope = format!("{}/{}", caller.directory_id, owner.unwrap_or("*"));
         let after = if query.page_token.is_empty() {
@@ -299,11 +296,10 @@ impl Service {
     /// cancelled subscription returns it unchanged.
     pub async fn cancel_subscription(
         &self,
-        call: &CallContext,
+        caller: &Caller,
         id: uuid::Uuid,
     ) -> Result<Subscription> {
-        let caller = self.caller(call, Check::Manage).await?;
-        let subscription = self.visible(&caller, id).await?;
+        let subscription = self.visible(caller, id).await?;
         let owner_may = subscription.is_azure() && subscription.owned_by(&caller.user_id);
         if !(caller.allowed || owner_may) {
             return Err(Error::PermissionDenied(

@@ -11,7 +11,7 @@ use contract::billing::v1 as pb;
 use contract::rpc::{RequestId, bearer_token, caller_deadline};
 use tonic::{Request, Response, Status};
 
-use crate::domain::{CallContext, Error, Service};
+use crate::domain::{CallContext, Caller, Check, Service};
 pub use status::{ERROR_DOMAIN, to_status};
 
 /// `billing.v1.BillingService` over the domain [`Service`].
@@ -26,17 +26,20 @@ impl BillingApi {
     }
 }
 
-/// The call's context; a call without a bearer token stops here, before any validation.
-fn context<T>(request: &Request<T>) -> Result<CallContext, Status> {
-    let token = bearer_token(request).ok_or_else(|| to_status(Error::MissingToken))?;
-    Ok(CallContext {
-        token: Some(token.to_owned()),
-        deadline: caller_deadline(request.metadata()),
-        request_id: request
-            .extensions()
-            .get::<RequestId>()
-            .map(|id| id.0.clone()),
-    })
+impl BillingApi {
+    /// Authenticates the call through the directory (forwarding the bearer token, the
+    /// caller's deadline and the request id) and learns whether `check` passed.
+    async fn caller<T>(&self, request: &Request<T>, check: Check) -> Result<Caller, Status> {
+        let call = CallContext {
+            token: bearer_token(request).map(str::to_owned),
+            deadline: caller_deadline(request.metadata()),
+            request_id: request
+                .extensions()
+                .get::<RequestId>()
+                .map(|id| id.0.clone()),
+        };
+        self.service.caller(&call, check).await.map_err(to_status)
+    }
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -60,11 +63,11 @@ impl pb::billing_service_server::BillingService for BillingApi {
         &self,
         request: Request<pb::CreateSubscriptionRequest>,
     ) -> Reply<pb::Subscription> {
-        let call = context(&request)?;
+        let caller = self.caller(&request, Check::Purchase).await?;
         let new = convert::new_subscription(request.into_inner()).map_err(to_status)?;
         let created = self
             .service
-            .create_subscription(&call, new)
+            .create_subscription(&caller, new)
             .await
             .map_err(to_status)?;
         Ok(Response::new(convert::subscription(created)))
@@ -74,12 +77,12 @@ impl pb::billing_service_server::BillingService for BillingApi {
         &self,
         request: Request<pb::GetSubscriptionRequest>,
     ) -> Reply<pb::Subscription> {
-        let call = context(&request)?;
+        let caller = self.caller(&request, Check::Manage).await?;
         let id =
             convert::subscription_id(&request.into_inner().subscription_id).map_err(to_status)?;
         let found = self
             .service
-            .get_subscription(&call, id)
+            .get_subscription(&caller, id)
             .await
             .map_err(to_status)?;
         Ok(Response::new(convert::subscription(found)))
@@ -89,11 +92,11 @@ impl pb::billing_service_server::BillingService for BillingApi {
         &self,
         request: Request<pb::ListSubscriptionsRequest>,
     ) -> Reply<pb::ListSubscriptionsResponse> {
-        let call = context(&request)?;
+        let caller = self.caller(&request, Check::Manage).await?;
         let query = convert::list_query(request.into_inner()).map_err(to_status)?;
         let page = self
             .service
-            .list_subscriptions(&call, query)
+            .list_subscriptions(&caller, query)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ListSubscriptionsResponse {
@@ -110,12 +113,12 @@ impl pb::billing_service_server::BillingService for BillingApi {
         &self,
         request: Request<pb::CancelSubscriptionRequest>,
     ) -> Reply<pb::Subscription> {
-        let call = context(&request)?;
+        let caller = self.caller(&request, Check::Manage).await?;
         let id =
             convert::subscription_id(&request.into_inner().subscription_id).map_err(to_status)?;
         let cancelled = self
             .service
-            .cancel_subscription(&call, id)
+            .cancel_subscription(&caller, id)
             .await
             .map_err(to_status)?;
         Ok(Response::new(convert::subscription(cancelled)))

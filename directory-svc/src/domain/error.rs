@@ -53,6 +53,9 @@ pub enum Error {
     LastGlobalAdministrator,
     #[error("a Global Administrator cannot remove that role from themself")]
     SelfDemotion,
+    /// Too many password checks at once; the caller may retry later.
+    #[error("the directory is busy checking passwords; retry later")]
+    Overloaded,
     /// The database cannot be reached right now; the caller may retry.
     #[error("the directory's database is unavailable; retry later")]
     Unavailable(#[source] anyhow::Error),

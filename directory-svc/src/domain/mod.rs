@@ -21,7 +21,7 @@ use types::{
     Action, ListUsersQuery, NewDirectory, NewUser, Password, Role, RoleSet, Upn, UserLookup,
 };
 
-use crate::store::{DirectoryStore, StoreError};
+use crate::store::{Actor, DirectoryStore, StoreError};
 
 /// The page-token list name of ListUsers.
 const LIST_USERS: &str = "directory.v1.DirectoryService/ListUsers";
@@ -49,6 +49,15 @@ fn internal(err: StoreError) -> Error {
         StoreError::Backend(e) => Error::from(e),
         other => Error::Internal(anyhow::anyhow!("unexpected store outcome: {other}")),
     }
+}
+
+/// How often a write is decided again because the caller's roles changed under it.
+const MAX_ACTOR_RETRIES: usize = 3;
+
+fn actor_unstable() -> Error {
+    Error::Unavailable(anyhow::anyhow!(
+        "the caller's roles kept changing during the call"
+    ))
 }
 
 fn new_id() -> String {
@@ -161,15 +170,20 @@ impl Service {
         self.own_directory(caller).await
     }
 
+    /// Creates a user (Global or User Administrator; granting roles needs Global Administrator).
     pub async fn create_user(&self, caller: &User, new: NewUser) -> Result<User> {
-        if !caller.roles.any_of(USER_MANAGERS) {
-            return Err(Error::PermissionDenied(Denied::NeedsUserManager));
-        }
-        if !new.roles.is_empty() && !caller.roles.contains(Role::GlobalAdministrator) {
-            return Err(Error::PermissionDenied(
-                Denied::NeedsGlobalAdministratorToGrant,
-            ));
-        }
+        let may_create = |roles: RoleSet| {
+            if !roles.any_of(USER_MANAGERS) {
+                return Err(Error::PermissionDenied(Denied::NeedsUserManager));
+            }
+            if !new.roles.is_empty() && !roles.contains(Role::GlobalAdministrator) {
+                return Err(Error::PermissionDenied(
+                    Denied::NeedsGlobalAdministratorToGrant,
+                ));
+            }
+            Ok(())
+        };
+        may_create(caller.roles)?;
         let directory = self.own_directory(caller).await?;
         if new.upn.domain() != directory.initial_domain {
             return Err(Error::InvalidArgument(vec![Violation::new(
@@ -184,16 +198,28 @@ impl Service {
             id: new_id(),
             directory_id: directory.id,
             upn: new.upn.as_str().to_owned(),
-            display_name: new.display_name,
+            display_name: new.display_name.clone(),
             roles: new.roles,
             create_time: contract::time::now_micros(),
         };
-        let hash = self.passwords.hash(new.password).await?;
-        match self.store.insert_user(&user, &hash).await {
-            Ok(()) => Ok(user),
-            Err(StoreError::UpnTaken) => Err(Error::UpnTaken(user.upn)),
-            Err(other) => Err(internal(other)),
+        let hash = self.passwords.hash(new.password.clone()).await?;
+        let mut actor = Actor::of(caller);
+        for _ in 0..MAX_ACTOR_RETRIES {
+            match self.store.insert_user(&user, &hash, &actor).await {
+                Ok(()) => return Ok(user),
+                Err(StoreError::UpnTaken) => return Err(Error::UpnTaken(user.upn)),
+                Err(StoreError::ActorChanged(now)) => actor.roles = self.recheck(now)?,
+                Err(other) => return Err(internal(other)),
+            }
+            may_create(actor.roles)?;
         }
+        Err(actor_unstable())
+    }
+
+    /// The caller's roles changed between authentication and the write: decide again from the
+    /// roles stored now, or fail as a deleted caller's token would.
+    fn recheck(&self, now: Option<RoleSet>) -> Result<RoleSet> {
+        now.ok_or(Error::InvalidToken)
     }
 
     /// A user of the caller's directory; users of other directories answer as missing ones.
@@ -251,39 +277,64 @@ impl Service {
         id: uuid::Uuid,
         roles: RoleSet,
     ) -> Result<User> {
-        if !caller.roles.contains(Role::GlobalAdministrator) {
-            return Err(Error::PermissionDenied(Denied::NeedsGlobalAdministrator));
-        }
         let id = id.to_string();
-        if id == caller.id && !roles.contains(Role::GlobalAdministrator) {
-            return Err(Error::SelfDemotion);
+        let may_set = |actor_roles: RoleSet| {
+            if !actor_roles.contains(Role::GlobalAdministrator) {
+                return Err(Error::PermissionDenied(Denied::NeedsGlobalAdministrator));
+            }
+            if id == caller.id && !roles.contains(Role::GlobalAdministrator) {
+                return Err(Error::SelfDemotion);
+            }
+            Ok(())
+        };
+        let mut actor = Actor::of(caller);
+        for _ in 0..MAX_ACTOR_RETRIES {
+            may_set(actor.roles)?;
+            match self
+                .store
+                .set_roles(&caller.directory_id, &id, roles, &actor)
+                .await
+            {
+                Ok(user) => return Ok(user),
+                Err(StoreError::ActorChanged(now)) => actor.roles = self.recheck(now)?,
+                Err(StoreError::UserNotFound) => return Err(Error::NotFound(Resource::User)),
+                Err(StoreError::LastGlobalAdministrator) => {
+                    return Err(Error::LastGlobalAdministrator);
+                }
+                Err(other) => return Err(internal(other)),
+            }
         }
-        self.store
-            .set_roles(&caller.directory_id, &id, roles)
-            .await
-            .map_err(|e| match e {
-                StoreError::UserNotFound => Error::NotFound(Resource::User),
-                StoreError::LastGlobalAdministrator => Error::LastGlobalAdministrator,
-                other => internal(other),
-            })
+        Err(actor_unstable())
     }
 
     /// Deletes a user (Global or User Administrator; a User Administrator only users without
     /// roles). Their tokens stop working at once, since every call reloads the user.
     pub async fn delete_user(&self, caller: &User, id: uuid::Uuid) -> Result<()> {
-        if !caller.roles.any_of(USER_MANAGERS) {
-            return Err(Error::PermissionDenied(Denied::NeedsUserManager));
+        let id = id.to_string();
+        let mut actor = Actor::of(caller);
+        for _ in 0..MAX_ACTOR_RETRIES {
+            if !actor.roles.any_of(USER_MANAGERS) {
+                return Err(Error::PermissionDenied(Denied::NeedsUserManager));
+            }
+            let only_without_roles = !actor.roles.contains(Role::GlobalAdministrator);
+            match self
+                .store
+                .delete_user(&caller.directory_id, &id, only_without_roles, &actor)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(StoreError::ActorChanged(now)) => actor.roles = self.recheck(now)?,
+                Err(StoreError::UserNotFound) => return Err(Error::NotFound(Resource::User)),
+                Err(StoreError::HasRoles) => {
+                    return Err(Error::PermissionDenied(Denied::TargetHoldsRoles));
+                }
+                Err(StoreError::LastGlobalAdministrator) => {
+                    return Err(Error::LastGlobalAdministrator);
+                }
+                Err(other) => return Err(internal(other)),
+            }
         }
-        let only_without_roles = !caller.roles.contains(Role::GlobalAdministrator);
-        self.store
-            .delete_user(&caller.directory_id, &id.to_string(), only_without_roles)
-            .await
-            .map_err(|e| match e {
-                StoreError::UserNotFound => Error::NotFound(Resource::User),
-                StoreError::HasRoles => Error::PermissionDenied(Denied::TargetHoldsRoles),
-                StoreError::LastGlobalAdministrator => Error::LastGlobalAdministrator,
-                other => internal(other),
-            })
+        Err(actor_unstable())
     }
 
     /// Whether the caller may do `action`, from their roles as stored now.

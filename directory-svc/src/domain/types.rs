@@ -165,8 +165,8 @@ impl Password {
         let classes = [
             raw.chars().any(|c| c.is_lowercase()),
             raw.chars().any(|c| c.is_uppercase()),
-            raw.chars().any(|c| c.is_ascii_digit()),
-            raw.chars().any(|c| !c.is_alphanumeric() && !c.is_control()),
+            raw.chars().any(char::is_numeric),
+            raw.chars().any(|c| !c.is_alphanumeric()),
         ];
         if classes.iter().filter(|&&has| has).count() < 3 {
             return Err(Violation::new(

@@ -12,6 +12,25 @@ use async_trait::async_trait;
 use crate::domain::model::{Directory, User};
 use crate::domain::types::RoleSet;
 
+/// Who is writing, and the roles the domain's permission decision was based on. Every write
+/// made for a user re-reads that user inside its transaction, after locking the directory: if
+/// their roles changed (or they were deleted) since authentication, the write is refused with
+/// [`StoreError::ActorChanged`] and the domain decides again.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub id: String,
+    pub roles: RoleSet,
+}
+
+impl Actor {
+    pub fn of(user: &User) -> Self {
+        Self {
+            id: user.id.clone(),
+            roles: user.roles,
+        }
+    }
+}
+
 /// Outcomes a store call reports besides success.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -25,6 +44,10 @@ pub enum StoreError {
     HasRoles,
     #[error("no Global Administrator would remain")]
     LastGlobalAdministrator,
+    /// The acting user's roles are not those the decision was based on (`Some`: as stored
+    /// now), or the acting user no longer exists (`None`).
+    #[error("the acting user changed")]
+    ActorChanged(Option<RoleSet>),
     #[error(transparent)]
     Backend(#[from] sqlx::Error),
 }
@@ -49,7 +72,13 @@ pub trait DirectoryStore: Send + Sync + 'static {
     /// The user with this lower-cased UPN and their password hash.
     async fn credentials(&self, upn_key: &str) -> Result<Option<(User, String)>, StoreError>;
 
-    async fn insert_user(&self, user: &User, password_hash: &str) -> Result<(), StoreError>;
+    /// Creates a user on behalf of `actor`.
+    async fn insert_user(
+        &self,
+        user: &User,
+        password_hash: &str,
+        actor: &Actor,
+    ) -> Result<(), StoreError>;
 
     /// Up to `limit` users of the directory ordered by lower-cased UPN, after `after_key`
     /// (empty: from the start), holding a role of `role_mask` (0: any user).
@@ -61,20 +90,23 @@ pub trait DirectoryStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<User>, StoreError>;
 
-    /// Replaces the user's roles, unless no Global Administrator would remain.
+    /// Replaces the user's roles on behalf of `actor`, unless no Global Administrator would
+    /// remain.
     async fn set_roles(
         &self,
         directory_id: &str,
         user_id: &str,
         roles: RoleSet,
+        actor: &Actor,
     ) -> Result<User, StoreError>;
 
-    /// Deletes the user, unless no Global Administrator would remain, or `only_without_roles`
-    /// and the user holds a role.
+    /// Deletes the user on behalf of `actor`, unless no Global Administrator would remain, or
+    /// `only_without_roles` and the user holds a role.
     async fn delete_user(
         &self,
         directory_id: &str,
         user_id: &str,
         only_without_roles: bool,
+        actor: &Actor,
     ) -> Result<(), StoreError>;
 }

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row as _};
 
-use super::{DirectoryStore, StoreError};
+use super::{Actor, DirectoryStore, StoreError};
 use crate::domain::model::{Directory, User};
 use crate::domain::types::{Role, RoleSet};
 
@@ -64,6 +64,30 @@ const GLOBAL_ADMINS: &str =
 /// On PostgreSQL it takes the directory's row lock; on SQLite any write takes the database's
 /// write lock, so the transaction never has to upgrade a read lock.
 const LOCK_DIRECTORY: &str = "UPDATE directories SET lock_version = lock_version + 1 WHERE id = $1";
+
+/// Locks the directory for this transaction and checks that `actor` still holds exactly the
+/// roles the decision was made with.
+async fn lock_for(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    directory_id: &str,
+    actor: &Actor,
+) -> Result<(), StoreError> {
+    sqlx::query(LOCK_DIRECTORY)
+        .bind(directory_id)
+        .execute(&mut **tx)
+        .await?;
+    let roles: Option<i64> =
+        sqlx::query_scalar("SELECT roles FROM users WHERE id = $1 AND directory_id = $2")
+            .bind(&actor.id)
+            .bind(directory_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    match roles.map(RoleSet::from_bits) {
+        None => Err(StoreError::ActorChanged(None)),
+        Some(now) if now != actor.roles => Err(StoreError::ActorChanged(Some(now))),
+        Some(_) => Ok(()),
+    }
+}
 
 async fn global_admins(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -145,8 +169,14 @@ impl DirectoryStore for SqlStore {
         }
     }
 
-    async fn insert_user(&self, user: &User, password_hash: &str) -> Result<(), StoreError> {
+    async fn insert_user(
+        &self,
+        user: &User,
+        password_hash: &str,
+        actor: &Actor,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        lock_for(&mut tx, &user.directory_id, actor).await?;
         insert_user(&mut tx, user, password_hash).await?;
         tx.commit().await?;
         Ok(())
@@ -178,12 +208,10 @@ impl DirectoryStore for SqlStore {
         directory_id: &str,
         user_id: &str,
         roles: RoleSet,
+        actor: &Actor,
     ) -> Result<User, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(LOCK_DIRECTORY)
-            .bind(directory_id)
-            .execute(&mut *tx)
-            .await?;
+        lock_for(&mut tx, directory_id, actor).await?;
         let updated =
             sqlx::query("UPDATE users SET roles = $1 WHERE id = $2 AND directory_id = $3")
                 .bind(roles.bits())
@@ -213,12 +241,10 @@ impl DirectoryStore for SqlStore {
         directory_id: &str,
         user_id: &str,
         only_without_roles: bool,
+        actor: &Actor,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(LOCK_DIRECTORY)
-            .bind(directory_id)
-            .execute(&mut *tx)
-            .await?;
+        lock_for(&mut tx, directory_id, actor).await?;
         let roles: Option<i64> =
             sqlx::query_scalar("SELECT roles FROM users WHERE id = $1 AND directory_id = $2")
                 .bind(user_id)

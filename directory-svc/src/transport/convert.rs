@@ -32,7 +32,17 @@ fn role(field: &str, raw: i32) -> Result<Option<Role>, Violation> {
     }
 }
 
+/// More entries than this in a role list is not a mistake worth one violation each.
+const MAX_ROLE_ENTRIES: usize = 16;
+
 fn role_set(field: &str, raw: &[i32], violations: &mut Violations) -> RoleSet {
+    if raw.len() > MAX_ROLE_ENTRIES {
+        violations.push(Violation::new(
+            field,
+            format!("at most {MAX_ROLE_ENTRIES} entries, got {}", raw.len()),
+        ));
+        return RoleSet::EMPTY;
+    }
     let mut roles = Vec::with_capacity(raw.len().min(Role::ALL.len()));
     for (i, &value) in raw.iter().enumerate() {
         let path = format!("{field}[{i}]");

@@ -45,6 +45,7 @@ pub fn to_status(err: Error) -> Status {
             vec![],
         ),
         Error::SelfDemotion => (Code::FailedPrecondition, "SELF_DEMOTION", vec![]),
+        Error::Overloaded => (Code::ResourceExhausted, "OVERLOADED", vec![]),
         Error::Unavailable(source) => {
             tracing::warn!(error = format!("{source:#}"), "database unavailable");
             (Code::Unavailable, "DATABASE_UNAVAILABLE", vec![])
