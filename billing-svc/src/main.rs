@@ -5,6 +5,20 @@ use clap::Parser as _;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.health_probe {
+        let service = contract::billing::v1::billing_service_server::SERVICE_NAME;
+        return match contract::rpc::probe(&cli.listen, service).await {
+            Ok(true) => std::process::ExitCode::SUCCESS,
+            Ok(false) => {
+                eprintln!("{service} is not serving");
+                std::process::ExitCode::FAILURE
+            }
+            Err(err) => {
+                eprintln!("health probe failed: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     contract::rpc::init_tracing(cli.log_format == LogFormat::Json);
     let run = async {
         let app = Application::build(Config::from(&cli)).await?;

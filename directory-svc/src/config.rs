@@ -47,6 +47,11 @@ pub struct Cli {
     #[arg(long, env = "DIRECTORY_DRAIN_SECS", default_value_t = 20)]
     pub drain_secs: u64,
 
+    /// Instead of serving, ask the server at --listen whether it is SERVING (gRPC health) and
+    /// exit 0 if so, 1 if not: the container health check.
+    #[arg(long, env = "DIRECTORY_HEALTH_PROBE")]
+    pub health_probe: bool,
+
     /// Log format.
     #[arg(long, env = "DIRECTORY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -47,14 +47,18 @@ impl Default for PoolSettings {
     }
 }
 
-/// Opens the pool, creating an SQLite file (and its folder) on first start, with WAL and
-/// full synchronous commits so an acknowledged write survives a crash.
+/// Opens the pool, creating the database on first start (an SQLite file and its folder, or
+/// a PostgreSQL database), with WAL and full synchronous commits on SQLite so an acknowledged
+/// write survives a crash.
 pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<AnyPool> {
     sqlx::any::install_default_drivers();
     let engine = Engine::of(url)?;
     let url = match engine {
         Engine::Sqlite => sqlite_url(url)?,
-        Engine::Postgres => url.to_owned(),
+        Engine::Postgres => {
+            create_postgres_database(url).await?;
+            url.to_owned()
+        }
     };
     let options = AnyConnectOptions::from_str(&url)
         .context("database URL is not valid")?
@@ -88,6 +92,25 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<AnyPo
         .connect_with(options)
         .await
         .context("cannot connect to the database")
+}
+
+/// Creates the PostgreSQL database the URL names if it does not exist yet. Two replicas
+/// starting at once may both try: the loser finds it created.
+async fn create_postgres_database(url: &str) -> anyhow::Result<()> {
+    use sqlx::migrate::MigrateDatabase as _;
+    if sqlx::Any::database_exists(url)
+        .await
+        .context("cannot reach PostgreSQL")?
+    {
+        return Ok(());
+    }
+    if let Err(err) = sqlx::Any::create_database(url).await {
+        if !sqlx::Any::database_exists(url).await.unwrap_or(false) {
+            return Err(anyhow::Error::new(err).context("cannot create the database"));
+        }
+    }
+    tracing::info!("created the database");
+    Ok(())
 }
 
 /// `sqlite://PATH`: creates PATH's folder and asks SQLite to create the file.

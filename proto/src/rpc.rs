@@ -406,3 +406,30 @@ pub async fn serve(
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Asks the server listening on `listen` (as given to `--listen`; a wildcard host means this
+/// machine) whether `service` is SERVING, within two seconds. For container health checks.
+pub async fn probe(listen: &str, service: &str) -> anyhow::Result<bool> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let (host, port) = listen
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("--listen must be HOST:PORT"))?;
+    let host = match host {
+        "0.0.0.0" | "" => "127.0.0.1",
+        "[::]" => "[::1]",
+        other => other,
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(2));
+    let mut client = HealthClient::new(endpoint.connect().await?);
+    let answer = client
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await?
+        .into_inner();
+    Ok(answer.status == ServingStatus::Serving as i32)
+}
