@@ -26,6 +26,7 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    pool: sqlx::AnyPool,
     api: BillingApi,
     config: Config,
 }
@@ -42,6 +43,7 @@ impl Application {
             .await
             .context("cannot migrate the database")?;
         let page_key = contract::db::secret(store.pool(), "page-token-key").await?;
+        let pool = store.pool().clone();
         let service = Service::new(
             Arc::new(store),
             Arc::new(directory),
@@ -50,6 +52,7 @@ impl Application {
         Ok(Self {
             listener,
             local_addr,
+            pool,
             api: BillingApi::new(Arc::new(service)),
             config,
         })
@@ -68,6 +71,10 @@ impl Application {
             service_name: SERVICE_NAME,
             drain: self.config.drain,
         };
-        contract::rpc::serve(self.listener, Routes::new(service), options, shutdown).await
+        let pool_metrics = contract::metrics::watch_pool(self.pool);
+        let served =
+            contract::rpc::serve(self.listener, Routes::new(service), options, shutdown).await;
+        pool_metrics.abort();
+        served
     }
 }

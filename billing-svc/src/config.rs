@@ -51,6 +51,10 @@ pub struct Cli {
     #[arg(long, env = "BILLING_HEALTH_PROBE")]
     pub health_probe: bool,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT); off when unset.
+    #[arg(long, env = "BILLING_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// Log format.
     #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

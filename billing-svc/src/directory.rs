@@ -133,6 +133,10 @@ impl Authorizer for GrpcDirectory {
             .request_id
             .as_deref()
             .and_then(|id| id.parse::<tonic::metadata::MetadataValue<_>>().ok());
+        let traceparent = call
+            .traceparent
+            .as_deref()
+            .and_then(|t| t.parse::<tonic::metadata::MetadataValue<_>>().ok());
         let mut backoff = FIRST_BACKOFF;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -148,6 +152,9 @@ impl Authorizer for GrpcDirectory {
             if let Some(id) = &request_id {
                 request.metadata_mut().insert("x-request-id", id.clone());
             }
+            if let Some(trace) = &traceparent {
+                request.metadata_mut().insert("traceparent", trace.clone());
+            }
             let replica = self.pick();
             // With another replica up, give this one half of the time left, so a replica that
             // hangs costs half the budget and the other still gets its turn.
@@ -155,7 +162,17 @@ impl Authorizer for GrpcDirectory {
             let attempt = if failover { remaining / 2 } else { remaining };
             request.set_timeout(attempt);
             let mut client = replica.client.clone();
-            let status = match tokio::time::timeout(attempt, client.authorize(request)).await {
+            let started = Instant::now();
+            let outcome = tokio::time::timeout(attempt, client.authorize(request)).await;
+            let code = match &outcome {
+                Err(_) => "TIMEOUT",
+                Ok(Ok(_)) => "OK",
+                Ok(Err(status)) => contract::metrics::code_name(status.code()),
+            };
+            metrics::counter!("directory_client_requests_total", "code" => code).increment(1);
+            metrics::histogram!("directory_client_request_seconds")
+                .record(started.elapsed().as_secs_f64());
+            let status = match outcome {
                 Err(_elapsed) => {
                     tracing::warn!(
                         replica = %replica.url,

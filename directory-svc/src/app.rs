@@ -27,6 +27,7 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    pool: sqlx::AnyPool,
     api: DirectoryApi,
     config: Config,
 }
@@ -43,6 +44,7 @@ impl Application {
             .context("cannot migrate the database")?;
         let token_key = contract::db::secret(store.pool(), "access-token-key").await?;
         let page_key = contract::db::secret(store.pool(), "page-token-key").await?;
+        let pool = store.pool().clone();
         let service = Service::new(
             Arc::new(store),
             Passwords::new(config.argon2)?,
@@ -52,6 +54,7 @@ impl Application {
         Ok(Self {
             listener,
             local_addr,
+            pool,
             api: DirectoryApi::new(Arc::new(service)),
             config,
         })
@@ -70,6 +73,10 @@ impl Application {
             service_name: SERVICE_NAME,
             drain: self.config.drain,
         };
-        contract::rpc::serve(self.listener, Routes::new(service), options, shutdown).await
+        let pool_metrics = contract::metrics::watch_pool(self.pool);
+        let served =
+            contract::rpc::serve(self.listener, Routes::new(service), options, shutdown).await;
+        pool_metrics.abort();
+        served
     }
 }

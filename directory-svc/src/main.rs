@@ -21,6 +21,9 @@ async fn main() -> std::process::ExitCode {
     }
     contract::rpc::init_tracing(cli.log_format == LogFormat::Json);
     let run = async {
+        if let Some(addr) = cli.metrics_listen {
+            contract::metrics::install(addr)?;
+        }
         let app = Application::build(Config::from(&cli)).await?;
         app.run_until(contract::rpc::shutdown_signal()).await
     };

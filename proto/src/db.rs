@@ -104,10 +104,10 @@ async fn create_postgres_database(url: &str) -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    if let Err(err) = sqlx::Any::create_database(url).await {
-        if !sqlx::Any::database_exists(url).await.unwrap_or(false) {
-            return Err(anyhow::Error::new(err).context("cannot create the database"));
-        }
+    if let Err(err) = sqlx::Any::create_database(url).await
+        && !sqlx::Any::database_exists(url).await.unwrap_or(false)
+    {
+        return Err(anyhow::Error::new(err).context("cannot create the database"));
     }
     tracing::info!("created the database");
     Ok(())

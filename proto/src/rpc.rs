@@ -168,6 +168,61 @@ pub fn init_tracing(json: bool) {
 pub struct RequestId(pub String);
 
 const REQUEST_ID: &str = "x-request-id";
+const TRACEPARENT: &str = "traceparent";
+
+/// The W3C trace context of a call: the caller's trace id (or a new one) and this hop's span
+/// id. The layer puts it in the request's extensions; billing forwards it to the directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceParent {
+    /// 32 lower-case hex digits.
+    pub trace_id: String,
+    /// 16 lower-case hex digits: this server's hop.
+    pub span_id: String,
+    /// Two hex digits (`01`: sampled).
+    pub flags: String,
+}
+
+impl TraceParent {
+    /// Continues the caller's `traceparent` (version 00) with a new span id, or starts a trace.
+    pub fn continue_from(header: Option<&http::HeaderValue>) -> Self {
+        let parsed = header.and_then(|v| v.to_str().ok()).and_then(|v| {
+            let mut parts = v.trim().split('-');
+            let (version, trace, parent, flags) =
+                (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+            let hex = |s: &str, n: usize| {
+                s.len() == n
+                    && s.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            };
+            let valid = version == "00"
+                && parts.next().is_none()
+                && hex(trace, 32)
+                && hex(parent, 16)
+                && hex(flags, 2)
+                && trace.bytes().any(|b| b != b'0')
+                && parent.bytes().any(|b| b != b'0');
+            valid.then(|| (trace.to_owned(), flags.to_owned()))
+        });
+        let (trace_id, flags) =
+            parsed.unwrap_or_else(|| (uuid::Uuid::new_v4().simple().to_string(), "01".to_owned()));
+        let span = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            trace_id,
+            span_id: span[..16].to_owned(),
+            flags,
+        }
+    }
+
+    /// The `traceparent` header value naming this hop as the parent.
+    pub fn header(&self) -> String {
+        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
+}
+
+/// Records the caller's directory on the current RPC span, once the call is authenticated.
+pub fn record_directory(directory_id: &str) {
+    tracing::Span::current().record("directory_id", directory_id);
+}
 
 fn sane_request_id(value: &http::HeaderValue) -> Option<&str> {
     let s = value.to_str().ok()?;
@@ -246,15 +301,24 @@ where
                 id
             }
         };
+        let method = crate::metrics::method_label(request.uri().path());
+        let trace = TraceParent::continue_from(request.headers().get(TRACEPARENT));
+        if let Ok(value) = http::HeaderValue::from_str(&trace.header()) {
+            request.headers_mut().insert(TRACEPARENT, value);
+        }
         let span = tracing::info_span!(
             "rpc",
             method = %request.uri().path(),
             request_id = %id,
+            trace_id = %trace.trace_id,
+            directory_id = tracing::field::Empty,
             code = tracing::field::Empty,
             latency_us = tracing::field::Empty,
         );
+        request.extensions_mut().insert(trace);
         request.extensions_mut().insert(RequestId(id.clone()));
         let in_flight = InFlight::enter(&self.in_flight);
+        metrics::gauge!("grpc_server_in_flight").increment(1.0);
         let started = Instant::now();
         let future = {
             let _entered = span.enter();
@@ -264,8 +328,10 @@ where
             async move {
                 let _in_flight = in_flight;
                 let mut result = future.await;
+                metrics::gauge!("grpc_server_in_flight").decrement(1.0);
+                let elapsed = started.elapsed();
                 let span = tracing::Span::current();
-                span.record("latency_us", started.elapsed().as_micros() as u64);
+                span.record("latency_us", elapsed.as_micros() as u64);
                 match &mut result {
                     Ok(response) => {
                         // Errors travel trailers-only, so their status is in the headers; an OK
@@ -276,7 +342,8 @@ where
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.parse::<i32>().ok())
                             .map_or(Code::Ok, Code::from_i32);
-                        span.record("code", tracing::field::debug(code));
+                        span.record("code", crate::metrics::code_name(code));
+                        crate::metrics::record_rpc(method, code, elapsed);
                         if let Ok(value) = http::HeaderValue::from_str(&id) {
                             response.headers_mut().insert(REQUEST_ID, value);
                         }
@@ -368,7 +435,10 @@ pub async fn serve(
         .layer(tracer.clone())
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Small frames (trailers) must not wait for the peer's delayed ACK: no Nagle.
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(std::time::Duration::from_secs(60))),
             async move {
                 let _ = stop_rx.await;
             },

@@ -4,7 +4,7 @@ use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// The path of a workspace binary (`directory-svc`, `billing-svc`), built once per test run
@@ -43,6 +43,7 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Proc {
     pub addr: SocketAddr,
     child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proc {
@@ -63,9 +64,14 @@ impl Proc {
         let mut child = command.spawn().expect("spawn service");
         let stderr = child.stderr.take().expect("stderr piped");
         let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let kept = logs.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut kept) = kept.lock() {
+                    kept.push(line.clone());
+                }
                 if let Some(addr) = serving_addr(&line).filter(|_| !sent) {
                     let _ = tx.send(addr);
                     sent = true;
@@ -78,7 +84,12 @@ impl Proc {
         let addr = rx
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("{binary_name} did not start serving"));
-        Self { addr, child }
+        Self { addr, child, logs }
+    }
+
+    /// The log lines (JSON) the service has written so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// directory-svc on `database_url`, with argon2 at its cheapest.

@@ -29,6 +29,8 @@ pub struct CallContext {
     pub token: Option<String>,
     pub deadline: Option<Instant>,
     pub request_id: Option<String>,
+    /// The W3C `traceparent` to send on, naming this hop as the parent.
+    pub traceparent: Option<String>,
 }
 
 /// What billing asks the directory.

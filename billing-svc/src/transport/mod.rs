@@ -8,7 +8,7 @@ mod status;
 use std::sync::Arc;
 
 use contract::billing::v1 as pb;
-use contract::rpc::{RequestId, bearer_token, caller_deadline};
+use contract::rpc::{RequestId, TraceParent, bearer_token, caller_deadline, record_directory};
 use tonic::{Request, Response, Status};
 
 use crate::domain::{CallContext, Caller, Check, Service};
@@ -37,8 +37,14 @@ impl BillingApi {
                 .extensions()
                 .get::<RequestId>()
                 .map(|id| id.0.clone()),
+            traceparent: request
+                .extensions()
+                .get::<TraceParent>()
+                .map(TraceParent::header),
         };
-        self.service.caller(&call, check).await.map_err(to_status)
+        let caller = self.service.caller(&call, check).await.map_err(to_status)?;
+        record_directory(&caller.directory_id);
+        Ok(caller)
     }
 }
 

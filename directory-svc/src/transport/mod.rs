@@ -8,7 +8,7 @@ mod status;
 use std::sync::Arc;
 
 use contract::directory::v1 as pb;
-use contract::rpc::bearer_token;
+use contract::rpc::{bearer_token, record_directory};
 use tonic::{Request, Response, Status};
 
 use crate::domain::Service;
@@ -27,10 +27,13 @@ impl DirectoryApi {
     }
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<User, Status> {
-        self.service
+        let user = self
+            .service
             .authenticate(bearer_token(request))
             .await
-            .map_err(to_status)
+            .map_err(to_status)?;
+        record_directory(&user.directory_id);
+        Ok(user)
     }
 }
 

@@ -1,0 +1,186 @@
+//! What operators rely on: Prometheus metrics, structured logs with one request id and trace
+//! across both services, and no secrets in logs.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use integration_tests::contract::billing::v1 as bpb;
+use integration_tests::contract::directory::v1 as dpb;
+use integration_tests::process::Proc;
+use integration_tests::*;
+use tonic::transport::Channel;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// GET http://127.0.0.1:port/metrics, as a scraper would.
+fn scrape(port: u16) -> String {
+    for _ in 0..50 {
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let request = format!(
+                "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+            );
+            if stream.write_all(request.as_bytes()).is_ok() {
+                let mut body = String::new();
+                let _ = stream.read_to_string(&mut body);
+                if body.starts_with("HTTP/1.1 200") {
+                    return body;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no metrics on port {port}");
+}
+
+/// The value of the first sample line that starts with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn channel(p: &Proc) -> Channel {
+    Channel::from_shared(p.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+#[tokio::test]
+async fn metrics_logs_request_ids_and_traces() {
+    let ddb = TestDb::sqlite();
+    let bdb = TestDb::sqlite();
+    let (dport, bport) = (free_port(), free_port());
+    let directory = Proc::start(
+        "directory-svc",
+        &[
+            "--database-url",
+            &ddb.url,
+            "--argon2-memory-kib",
+            "64",
+            "--argon2-iterations",
+            "1",
+            "--metrics-listen",
+            &format!("127.0.0.1:{dport}"),
+        ],
+        &[],
+    );
+    let billing = Proc::start(
+        "billing-svc",
+        &[
+            "--database-url",
+            &bdb.url,
+            "--directory-url",
+            &directory.url(),
+            "--metrics-listen",
+            &format!("127.0.0.1:{bport}"),
+        ],
+        &[],
+    );
+    let mut dir =
+        dpb::directory_service_client::DirectoryServiceClient::new(channel(&directory).await);
+    let mut bill = BillingServiceClient::new(channel(&billing).await);
+    let tenant = sign_up(&mut dir, "contoso").await;
+    let _ = dir.who_am_i(dpb::WhoAmIRequest {}).await; // an UNAUTHENTICATED call
+
+    // One purchase, one request id and one trace, in both services' logs.
+    let mut request = authed(
+        bpb::CreateSubscriptionRequest {
+            offer_id: "office365-e3".into(),
+            display_name: "traced".into(),
+            seats: 3,
+            request_id: String::new(),
+        },
+        &tenant.token,
+    );
+    request
+        .metadata_mut()
+        .insert("x-request-id", "purchase-42".parse().expect("ascii"));
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .expect("ascii"),
+    );
+    let answer = bill.create_subscription(request).await.expect("purchase");
+    assert_eq!(
+        answer
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("purchase-42")
+    );
+
+    // Metrics: RPCs by method and code, latency histograms, in-flight, pool, directory client.
+    let d = scrape(dport);
+    assert!(
+        sample(&d, "grpc_server_handled_total{method=\"/directory.v1.DirectoryService/CreateDirectory\",code=\"OK\"}").unwrap_or(0.0) >= 1.0,
+        "{d}"
+    );
+    assert!(sample(&d, "grpc_server_handled_total{method=\"/directory.v1.DirectoryService/WhoAmI\",code=\"UNAUTHENTICATED\"}").unwrap_or(0.0) >= 1.0, "{d}");
+    assert!(sample(&d, "grpc_server_handled_total{method=\"/directory.v1.DirectoryService/Authorize\",code=\"OK\"}").unwrap_or(0.0) >= 1.0, "{d}");
+    assert!(d.contains("grpc_server_handling_seconds_bucket{method=\"/directory.v1.DirectoryService/SignIn\",le=\"0.005\"}"), "{d}");
+    assert!(d.contains("grpc_server_in_flight"), "{d}");
+    let b = scrape(bport);
+    assert!(sample(&b, "grpc_server_handled_total{method=\"/billing.v1.BillingService/CreateSubscription\",code=\"OK\"}").unwrap_or(0.0) >= 1.0, "{b}");
+    assert!(
+        sample(&b, "directory_client_requests_total{code=\"OK\"}").unwrap_or(0.0) >= 1.0,
+        "{b}"
+    );
+    assert!(b.contains("directory_client_request_seconds_bucket"), "{b}");
+    tokio::time::sleep(Duration::from_millis(2200)).await; // the pool gauges tick every 2 s
+    let b = scrape(bport);
+    assert!(
+        sample(&b, "db_pool_max_connections").unwrap_or(0.0) >= 1.0,
+        "{b}"
+    );
+    assert!(b.contains("db_pool_connections{state=\"idle\"}"), "{b}");
+
+    // Logs: JSON lines; the purchase's span carries the caller's request id, trace id and
+    // directory in billing and in the directory's Authorize.
+    let find = |logs: &[String], method: &str| -> serde_json::Value {
+        logs.iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| {
+                v["fields"]["message"] == "rpc finished"
+                    && v["span"]["method"] == method
+                    && v["span"]["request_id"] == "purchase-42"
+            })
+            .unwrap_or_else(|| panic!("no finished {method} with the request id in {logs:#?}"))
+    };
+    let billing_line = find(
+        &billing.logs(),
+        "/billing.v1.BillingService/CreateSubscription",
+    );
+    let directory_line = find(
+        &directory.logs(),
+        "/directory.v1.DirectoryService/Authorize",
+    );
+    for line in [&billing_line, &directory_line] {
+        assert_eq!(line["span"]["trace_id"], trace_id, "{line}");
+        assert_eq!(
+            line["span"]["directory_id"],
+            tenant.directory.id.as_str(),
+            "{line}"
+        );
+        assert_eq!(line["span"]["code"], "OK", "{line}");
+        assert!(line["span"]["latency_us"].is_number(), "{line}");
+    }
+
+    // Never a password or a token in the logs.
+    for line in directory.logs().iter().chain(billing.logs().iter()) {
+        assert!(!line.contains(PASSWORD), "password in log: {line}");
+        assert!(!line.contains(&tenant.token), "token in log: {line}");
+    }
+}
