@@ -37,7 +37,11 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
-        let directory = GrpcDirectory::new(&config.directory_urls, config.directory_timeout)?;
+        let directory = GrpcDirectory::new(
+            &config.directory_urls,
+            config.directory_timeout,
+            config.directory_tls.as_ref(),
+        )?;
         let pool = contract::db::connect(&config.database_url, &config.pool).await?;
         let store = SqlStore::new(pool)
             .await
@@ -70,6 +74,7 @@ impl Application {
         let options = ServeOptions {
             service_name: SERVICE_NAME,
             drain: self.config.drain,
+            tls: self.config.tls.clone(),
         };
         let pool_metrics = contract::metrics::watch_pool(self.pool);
         let served =

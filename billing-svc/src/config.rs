@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use clap::Parser;
-use contract::db::PoolSettings;
+use contract::db::{Engine, PoolSettings};
+use contract::launch::{ClientTls, ServerTls};
 
 /// billing-svc: the offer catalogue and subscriptions, authorised by directory-svc over gRPC.
 #[derive(Debug, Parser)]
@@ -46,6 +49,30 @@ pub struct Cli {
     #[arg(long, env = "BILLING_DRAIN_SECS", default_value_t = 20)]
     pub drain_secs: u64,
 
+    /// PEM certificate chain to serve TLS with (with --tls-key); plaintext when unset.
+    #[arg(long, env = "BILLING_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "BILLING_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA that client certificates must chain to: mutual TLS (needs --tls-cert).
+    #[arg(long, env = "BILLING_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// PEM CA to trust for https:// directory URLs.
+    #[arg(long, env = "BILLING_DIRECTORY_CA")]
+    pub directory_ca: Option<PathBuf>,
+
+    /// PEM client certificate for mutual TLS to the directory (with --directory-client-key).
+    #[arg(long, env = "BILLING_DIRECTORY_CLIENT_CERT")]
+    pub directory_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --directory-client-cert.
+    #[arg(long, env = "BILLING_DIRECTORY_CLIENT_KEY")]
+    pub directory_client_key: Option<PathBuf>,
+
     /// Instead of serving, ask the server at --listen whether it is SERVING (gRPC health) and
     /// exit 0 if so, 1 if not: the container health check.
     #[arg(long, env = "BILLING_HEALTH_PROBE")]
@@ -75,6 +102,9 @@ pub struct Config {
     pub directory_timeout: Duration,
     pub pool: PoolSettings,
     pub drain: Duration,
+    pub tls: Option<ServerTls>,
+    /// TLS towards the directory (for https:// URLs).
+    pub directory_tls: Option<ClientTls>,
 }
 
 impl Config {
@@ -91,27 +121,80 @@ impl Config {
             directory_timeout: Duration::from_secs(2),
             pool: PoolSettings::default(),
             drain: Duration::from_secs(20),
+            tls: None,
+            directory_tls: None,
         }
     }
 }
 
-impl From<&Cli> for Config {
-    fn from(cli: &Cli) -> Self {
-        Self {
+impl TryFrom<&Cli> for Config {
+    type Error = anyhow::Error;
+
+    /// Checks what flags alone cannot: the database URL's engine, the listen address's form,
+    /// the directory URLs, and that TLS files exist and make valid identities.
+    fn try_from(cli: &Cli) -> anyhow::Result<Self> {
+        Engine::of(&cli.database_url)?;
+        contract::launch::check_listen(&cli.listen)?;
+        let directory_urls: Vec<String> = cli
+            .directory_url
+            .iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        anyhow::ensure!(
+            !directory_urls.is_empty(),
+            "--directory-url needs at least one URL"
+        );
+        let mut https = 0;
+        for url in &directory_urls {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--directory-url {url:?} is not a URL: {e}"))?;
+            match uri.scheme_str() {
+                Some("https") => https += 1,
+                Some("http") => {}
+                _ => anyhow::bail!("--directory-url {url:?} must start with http:// or https://"),
+            }
+            anyhow::ensure!(uri.host().is_some(), "--directory-url {url:?} has no host");
+        }
+        let client_tls = ClientTls::from_files(
+            cli.directory_ca.as_deref(),
+            cli.directory_client_cert.as_deref(),
+            cli.directory_client_key.as_deref(),
+        )?;
+        let directory_tls = match https {
+            0 => {
+                anyhow::ensure!(
+                    client_tls.ca_pem.is_none() && client_tls.identity.is_none(),
+                    "--directory-ca and --directory-client-* need https:// directory URLs"
+                );
+                None
+            }
+            n if n == directory_urls.len() => {
+                anyhow::ensure!(
+                    client_tls.ca_pem.is_some(),
+                    "https:// directory URLs need --directory-ca"
+                );
+                Some(client_tls)
+            }
+            _ => anyhow::bail!("directory URLs must be all http:// or all https://"),
+        };
+        Ok(Self {
             listen: cli.listen.clone(),
             database_url: cli.database_url.clone(),
-            directory_urls: cli
-                .directory_url
-                .iter()
-                .map(|u| u.trim().to_owned())
-                .filter(|u| !u.is_empty())
-                .collect(),
+            directory_urls,
             directory_timeout: Duration::from_millis(cli.directory_timeout_ms),
             pool: PoolSettings {
                 max_connections: cli.db_max_connections,
                 acquire_timeout: Duration::from_secs(cli.db_acquire_timeout_secs),
             },
             drain: Duration::from_secs(cli.drain_secs),
-        }
+            tls: ServerTls::from_files(
+                cli.tls_cert.as_deref(),
+                cli.tls_key.as_deref(),
+                cli.tls_client_ca.as_deref(),
+            )?,
+            directory_tls,
+        })
     }
 }

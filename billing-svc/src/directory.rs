@@ -48,7 +48,11 @@ pub struct GrpcDirectory {
 impl GrpcDirectory {
     /// A client balancing over `urls` (one or more `http://host:port`). Nothing is connected
     /// until the first call, so billing starts while the directory is down.
-    pub fn new(urls: &[String], timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(
+        urls: &[String],
+        timeout: Duration,
+        tls: Option<&contract::launch::ClientTls>,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(!urls.is_empty(), "at least one directory URL is needed");
         let replicas = urls
             .iter()
@@ -60,6 +64,12 @@ impl GrpcDirectory {
                     .http2_keep_alive_interval(Duration::from_secs(20))
                     .keep_alive_timeout(Duration::from_secs(5))
                     .keep_alive_while_idle(true);
+                let endpoint = match tls {
+                    Some(tls) => endpoint
+                        .tls_config(tls.config())
+                        .map_err(|e| anyhow::anyhow!("TLS towards {url}: {e}"))?,
+                    None => endpoint,
+                };
                 Ok(Replica {
                     url: url.clone(),
                     client: DirectoryServiceClient::new(endpoint.connect_lazy()),
@@ -214,18 +224,24 @@ impl Authorizer for GrpcDirectory {
                 Code::DeadlineExceeded | Code::Cancelled if self.another_is_up(replica) => {
                     self.mark_down(replica);
                 }
-                Code::Unavailable
-                | Code::DeadlineExceeded
-                | Code::ResourceExhausted
-                | Code::Cancelled => {
-                    tracing::warn!(code = ?status.code(), message = status.message(), "directory unavailable");
-                    return Err(Error::DirectoryUnavailable);
-                }
-                code => {
+                // Answers that mean our request or the contract is wrong: a bug to log.
+                code @ (Code::InvalidArgument
+                | Code::FailedPrecondition
+                | Code::PermissionDenied
+                | Code::NotFound
+                | Code::AlreadyExists
+                | Code::OutOfRange
+                | Code::Unimplemented) => {
                     return Err(Error::Internal(anyhow::anyhow!(
                         "directory answered Authorize with {code:?}: {}",
                         status.message()
                     )));
+                }
+                // Everything else (down, overloaded, timed out, failing, a TLS or transport
+                // error) means the directory cannot answer now.
+                code => {
+                    tracing::warn!(replica = %replica.url, ?code, message = status.message(), "directory unavailable");
+                    return Err(Error::DirectoryUnavailable);
                 }
             }
         }

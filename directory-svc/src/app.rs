@@ -72,6 +72,7 @@ impl Application {
         let options = ServeOptions {
             service_name: SERVICE_NAME,
             drain: self.config.drain,
+            tls: self.config.tls.clone(),
         };
         let pool_metrics = contract::metrics::watch_pool(self.pool);
         let served =

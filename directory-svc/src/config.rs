@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use clap::Parser;
-use contract::db::PoolSettings;
+use contract::db::{Engine, PoolSettings};
+use contract::launch::ServerTls;
 
 use crate::domain::passwords::Argon2Cost;
 
@@ -47,6 +50,18 @@ pub struct Cli {
     #[arg(long, env = "DIRECTORY_DRAIN_SECS", default_value_t = 20)]
     pub drain_secs: u64,
 
+    /// PEM certificate chain to serve TLS with (with --tls-key); plaintext when unset.
+    #[arg(long, env = "DIRECTORY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DIRECTORY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA that client certificates must chain to: mutual TLS (needs --tls-cert).
+    #[arg(long, env = "DIRECTORY_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Instead of serving, ask the server at --listen whether it is SERVING (gRPC health) and
     /// exit 0 if so, 1 if not: the container health check.
     #[arg(long, env = "DIRECTORY_HEALTH_PROBE")]
@@ -76,6 +91,7 @@ pub struct Config {
     pub token_ttl: Duration,
     pub argon2: Argon2Cost,
     pub drain: Duration,
+    pub tls: Option<ServerTls>,
 }
 
 impl Config {
@@ -88,13 +104,20 @@ impl Config {
             token_ttl: Duration::from_secs(3600),
             argon2: Argon2Cost::default(),
             drain: Duration::from_secs(20),
+            tls: None,
         }
     }
 }
 
-impl From<&Cli> for Config {
-    fn from(cli: &Cli) -> Self {
-        Self {
+impl TryFrom<&Cli> for Config {
+    type Error = anyhow::Error;
+
+    /// Checks what flags alone cannot: the database URL's engine, the listen address's form,
+    /// and that TLS files exist and make a valid identity.
+    fn try_from(cli: &Cli) -> anyhow::Result<Self> {
+        Engine::of(&cli.database_url)?;
+        contract::launch::check_listen(&cli.listen)?;
+        Ok(Self {
             listen: cli.listen.clone(),
             database_url: cli.database_url.clone(),
             pool: PoolSettings {
@@ -108,6 +131,11 @@ impl From<&Cli> for Config {
                 parallelism: 1,
             },
             drain: Duration::from_secs(cli.drain_secs),
-        }
+            tls: ServerTls::from_files(
+                cli.tls_cert.as_deref(),
+                cli.tls_key.as_deref(),
+                cli.tls_client_ca.as_deref(),
+            )?,
+        })
     }
 }

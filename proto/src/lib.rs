@@ -14,6 +14,7 @@
 
 pub mod db;
 pub mod fields;
+pub mod launch;
 pub mod metrics;
 pub mod paging;
 pub mod rpc;

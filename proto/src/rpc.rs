@@ -410,6 +410,8 @@ mod tests {
 pub struct ServeOptions {
     pub service_name: &'static str,
     pub drain: std::time::Duration,
+    /// TLS (and mutual TLS when it names a client CA); plaintext when `None`.
+    pub tls: Option<crate::launch::ServerTls>,
 }
 
 /// Serves `routes` (plus health and reflection) on `listener` until `shutdown` completes, then
@@ -431,7 +433,13 @@ pub async fn serve(
         .add_service(reflection_v1alpha(options.service_name)?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let tracer = RpcTraceLayer::default();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        builder = builder
+            .tls_config(tls.config())
+            .context("invalid TLS configuration")?;
+    }
+    let server = builder
         .layer(tracer.clone())
         .add_routes(routes)
         .serve_with_incoming_shutdown(
