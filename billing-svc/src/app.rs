@@ -75,6 +75,8 @@ impl Application {
             service_name: SERVICE_NAME,
             drain: self.config.drain,
             tls: self.config.tls.clone(),
+            error_domain: crate::transport::ERROR_DOMAIN,
+            max_in_flight: self.config.max_in_flight,
         };
         let pool_metrics = contract::metrics::watch_pool(self.pool);
         let served =

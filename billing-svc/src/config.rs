@@ -49,6 +49,10 @@ pub struct Cli {
     #[arg(long, env = "BILLING_DRAIN_SECS", default_value_t = 20)]
     pub drain_secs: u64,
 
+    /// Calls in flight beyond this are refused at once with RESOURCE_EXHAUSTED (load shedding).
+    #[arg(long, env = "BILLING_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
     /// PEM certificate chain to serve TLS with (with --tls-key); plaintext when unset.
     #[arg(long, env = "BILLING_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -105,6 +109,7 @@ pub struct Config {
     pub tls: Option<ServerTls>,
     /// TLS towards the directory (for https:// URLs).
     pub directory_tls: Option<ClientTls>,
+    pub max_in_flight: usize,
 }
 
 impl Config {
@@ -123,6 +128,7 @@ impl Config {
             drain: Duration::from_secs(20),
             tls: None,
             directory_tls: None,
+            max_in_flight: 1024,
         }
     }
 }
@@ -195,6 +201,7 @@ impl TryFrom<&Cli> for Config {
                 cli.tls_client_ca.as_deref(),
             )?,
             directory_tls,
+            max_in_flight: cli.max_in_flight as usize,
         })
     }
 }

@@ -50,6 +50,7 @@ impl Application {
             Passwords::new(config.argon2)?,
             Tokens::new(&token_key, config.token_ttl),
             PageTokens::new(&page_key),
+            config.limits,
         );
         Ok(Self {
             listener,
@@ -73,6 +74,8 @@ impl Application {
             service_name: SERVICE_NAME,
             drain: self.config.drain,
             tls: self.config.tls.clone(),
+            error_domain: crate::transport::ERROR_DOMAIN,
+            max_in_flight: self.config.max_in_flight,
         };
         let pool_metrics = contract::metrics::watch_pool(self.pool);
         let served =

@@ -8,6 +8,7 @@ use clap::Parser;
 use contract::db::{Engine, PoolSettings};
 use contract::launch::ServerTls;
 
+use crate::domain::AbuseLimits;
 use crate::domain::passwords::Argon2Cost;
 
 /// directory-svc: directories (tenants), users, organizational roles and sign-in over gRPC.
@@ -49,6 +50,34 @@ pub struct Cli {
     /// How long SIGTERM waits for in-flight calls before exiting anyway, in seconds.
     #[arg(long, env = "DIRECTORY_DRAIN_SECS", default_value_t = 20)]
     pub drain_secs: u64,
+
+    /// Calls in flight beyond this are refused at once with RESOURCE_EXHAUSTED (load shedding).
+    #[arg(long, env = "DIRECTORY_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
+    /// Failed sign-ins allowed per UPN per minute (0: no limit).
+    #[arg(
+        long,
+        env = "DIRECTORY_SIGNIN_FAILURES_PER_UPN_PER_MINUTE",
+        default_value_t = 10
+    )]
+    pub signin_failures_per_upn_per_minute: u32,
+
+    /// Sign-in attempts allowed per client address per minute (0: no limit).
+    #[arg(
+        long,
+        env = "DIRECTORY_SIGNIN_PER_PEER_PER_MINUTE",
+        default_value_t = 600
+    )]
+    pub signin_per_peer_per_minute: u32,
+
+    /// Sign-ups (CreateDirectory) allowed per client address per minute (0: no limit).
+    #[arg(
+        long,
+        env = "DIRECTORY_SIGNUP_PER_PEER_PER_MINUTE",
+        default_value_t = 30
+    )]
+    pub signup_per_peer_per_minute: u32,
 
     /// PEM certificate chain to serve TLS with (with --tls-key); plaintext when unset.
     #[arg(long, env = "DIRECTORY_TLS_CERT")]
@@ -92,6 +121,8 @@ pub struct Config {
     pub argon2: Argon2Cost,
     pub drain: Duration,
     pub tls: Option<ServerTls>,
+    pub max_in_flight: usize,
+    pub limits: AbuseLimits,
 }
 
 impl Config {
@@ -105,6 +136,8 @@ impl Config {
             argon2: Argon2Cost::default(),
             drain: Duration::from_secs(20),
             tls: None,
+            max_in_flight: 1024,
+            limits: AbuseLimits::default(),
         }
     }
 }
@@ -136,6 +169,12 @@ impl TryFrom<&Cli> for Config {
                 cli.tls_key.as_deref(),
                 cli.tls_client_ca.as_deref(),
             )?,
+            max_in_flight: cli.max_in_flight as usize,
+            limits: AbuseLimits {
+                signin_failures_per_upn_per_minute: cli.signin_failures_per_upn_per_minute,
+                signin_per_peer_per_minute: cli.signin_per_peer_per_minute,
+                signup_per_peer_per_minute: cli.signup_per_peer_per_minute,
+            },
         })
     }
 }

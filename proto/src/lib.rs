@@ -15,6 +15,7 @@
 pub mod db;
 pub mod fields;
 pub mod launch;
+pub mod limits;
 pub mod metrics;
 pub mod paging;
 pub mod rpc;

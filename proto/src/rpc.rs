@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
+
 use tracing::Instrument as _;
 
 use crate::fields::Violation;
@@ -37,6 +38,22 @@ pub fn status(
         );
     }
     Status::with_error_details(code, message, details)
+}
+
+/// RESOURCE_EXHAUSTED with `ErrorInfo` and `RetryInfo` (when to try again).
+pub fn throttled(
+    domain: &str,
+    reason: &str,
+    message: impl Into<String>,
+    retry: std::time::Duration,
+) -> Status {
+    let mut details = ErrorDetails::with_error_info(
+        reason,
+        domain,
+        std::collections::HashMap::<String, String>::new(),
+    );
+    details.set_retry_info(Some(retry));
+    Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
 /// The message of an INVALID_ARGUMENT status: every bad field, in request order.
@@ -230,13 +247,26 @@ fn sane_request_id(value: &http::HeaderValue) -> Option<&str> {
 }
 
 /// Tower layer giving every RPC a `tracing` span (method, request id, gRPC code, latency),
-/// and counting the calls in flight so a shutdown knows when the drain is done.
-#[derive(Debug, Clone, Default)]
+/// counting the calls in flight (so a shutdown knows when the drain is done, and so calls
+/// beyond `max_in_flight` are shed at once with RESOURCE_EXHAUSTED instead of queueing), and
+/// giving the errors tonic itself produces (message too large, undecodable message, unknown
+/// method) the same `ErrorInfo` every other error carries.
+#[derive(Debug, Clone)]
 pub struct RpcTraceLayer {
     in_flight: Arc<AtomicUsize>,
+    max_in_flight: usize,
+    domain: &'static str,
 }
 
 impl RpcTraceLayer {
+    pub fn new(domain: &'static str, max_in_flight: usize) -> Self {
+        Self {
+            in_flight: Arc::default(),
+            max_in_flight: max_in_flight.max(1),
+            domain,
+        }
+    }
+
     /// How many calls are being handled now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
@@ -250,6 +280,8 @@ impl<S> tower::Layer<S> for RpcTraceLayer {
         RpcTrace {
             inner,
             in_flight: self.in_flight.clone(),
+            max_in_flight: self.max_in_flight,
+            domain: self.domain,
         }
     }
 }
@@ -259,6 +291,58 @@ impl<S> tower::Layer<S> for RpcTraceLayer {
 pub struct RpcTrace<S> {
     inner: S,
     in_flight: Arc<AtomicUsize>,
+    max_in_flight: usize,
+    domain: &'static str,
+}
+
+/// The status of a trailers-only (error) response: its code and whether it already carries
+/// rich details.
+fn trailers_only_status<B>(response: &http::Response<B>) -> Option<(Code, bool)> {
+    let code = response
+        .headers()
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
+    Some((
+        Code::from_i32(code),
+        response.headers().contains_key("grpc-status-details-bin"),
+    ))
+}
+
+/// For an error tonic produced itself (no details): the code and ErrorInfo reason to send.
+fn framework_error(code: Code, message: &str) -> (Code, &'static str, &'static str) {
+    match code {
+        Code::OutOfRange if message.contains("too large") || message.contains("too%20large") => (
+            Code::ResourceExhausted,
+            "MESSAGE_TOO_LARGE",
+            "the request message is larger than the server accepts",
+        ),
+        Code::Internal => (
+            Code::InvalidArgument,
+            "MALFORMED_MESSAGE",
+            "the request is not a valid message of this method",
+        ),
+        Code::Unimplemented => (Code::Unimplemented, "UNIMPLEMENTED", "no such method"),
+        Code::Cancelled => (
+            Code::DeadlineExceeded,
+            "DEADLINE_EXCEEDED",
+            "the caller's deadline passed",
+        ),
+        other => (other, "TRANSPORT", "the request could not be handled"),
+    }
+}
+
+/// Replaces the status headers of `response` with `status` (and its details).
+fn set_status<B>(response: &mut http::Response<B>, status: Status) {
+    let rendered = status.into_http::<()>();
+    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        response.headers_mut().remove(name);
+        if let Some(value) = rendered.headers().get(name) {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
 }
 
 /// Decrements the in-flight count when a call ends, however it ends.
@@ -281,6 +365,8 @@ impl<S, B, RB> tower::Service<http::Request<B>> for RpcTrace<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -317,7 +403,33 @@ where
         );
         request.extensions_mut().insert(trace);
         request.extensions_mut().insert(RequestId(id.clone()));
+        let domain = self.domain;
         let in_flight = InFlight::enter(&self.in_flight);
+        let is_health = request.uri().path().starts_with("/grpc.health.");
+        if !is_health && self.in_flight.load(Ordering::Acquire) > self.max_in_flight {
+            // Shed at once: a queue without bound only makes every caller late.
+            drop(in_flight);
+            let _entered = span.enter();
+            let mut details = ErrorDetails::with_error_info(
+                "OVERLOADED",
+                domain,
+                std::collections::HashMap::<String, String>::new(),
+            );
+            details.set_retry_info(Some(std::time::Duration::from_millis(100)));
+            let mut response = Status::with_error_details(
+                Code::ResourceExhausted,
+                "the server is overloaded; retry later",
+                details,
+            )
+            .into_http::<RB>();
+            if let Ok(value) = http::HeaderValue::from_str(&id) {
+                response.headers_mut().insert(REQUEST_ID, value);
+            }
+            span.record("code", "RESOURCE_EXHAUSTED");
+            crate::metrics::record_rpc(method, Code::ResourceExhausted, std::time::Duration::ZERO);
+            tracing::warn!("rpc shed: too many in flight");
+            return Box::pin(async move { Ok(response) });
+        }
         metrics::gauge!("grpc_server_in_flight").increment(1.0);
         let started = Instant::now();
         let future = {
@@ -336,12 +448,22 @@ where
                     Ok(response) => {
                         // Errors travel trailers-only, so their status is in the headers; an OK
                         // answer carries its status in the trailers.
-                        let code = response
-                            .headers()
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse::<i32>().ok())
-                            .map_or(Code::Ok, Code::from_i32);
+                        let mut code = Code::Ok;
+                        if let Some((status_code, has_details)) = trailers_only_status(response) {
+                            code = status_code;
+                            if !has_details {
+                                let message = response
+                                    .headers()
+                                    .get("grpc-message")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or_default()
+                                    .to_owned();
+                                let (mapped, reason, text) = framework_error(status_code, &message);
+                                tracing::debug!(?status_code, message, "framework error");
+                                set_status(response, status(domain, mapped, reason, text, &[]));
+                                code = mapped;
+                            }
+                        }
                         span.record("code", crate::metrics::code_name(code));
                         crate::metrics::record_rpc(method, code, elapsed);
                         if let Ok(value) = http::HeaderValue::from_str(&id) {
@@ -412,6 +534,10 @@ pub struct ServeOptions {
     pub drain: std::time::Duration,
     /// TLS (and mutual TLS when it names a client CA); plaintext when `None`.
     pub tls: Option<crate::launch::ServerTls>,
+    /// `ErrorInfo.domain` of the errors the server itself produces.
+    pub error_domain: &'static str,
+    /// Calls in flight beyond this are answered RESOURCE_EXHAUSTED at once (health excepted).
+    pub max_in_flight: usize,
 }
 
 /// Serves `routes` (plus health and reflection) on `listener` until `shutdown` completes, then
@@ -432,7 +558,7 @@ pub async fn serve(
         .add_service(reflection_v1(options.service_name)?)
         .add_service(reflection_v1alpha(options.service_name)?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let tracer = RpcTraceLayer::default();
+    let tracer = RpcTraceLayer::new(options.error_domain, options.max_in_flight);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &options.tls {
         builder = builder

@@ -177,6 +177,12 @@ pub fn directory_config(db: &TestDb) -> directory_svc::Config {
         parallelism: 1,
     };
     config.drain = Duration::from_secs(5);
+    // Tests make many calls from one address; the abuse limits have tests of their own.
+    config.limits = directory_svc::domain::AbuseLimits {
+        signin_failures_per_upn_per_minute: 0,
+        signin_per_peer_per_minute: 0,
+        signup_per_peer_per_minute: 0,
+    };
     config
 }
 

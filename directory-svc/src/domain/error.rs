@@ -53,6 +53,9 @@ pub enum Error {
     LastGlobalAdministrator,
     #[error("a Global Administrator cannot remove that role from themself")]
     SelfDemotion,
+    /// Too many attempts from this peer or on this UPN; retry after the duration.
+    #[error("too many attempts; retry in {} s", .0.as_secs().max(1))]
+    Throttled(std::time::Duration),
     /// Too many password checks at once; the caller may retry later.
     #[error("the directory is busy checking passwords; retry later")]
     Overloaded,

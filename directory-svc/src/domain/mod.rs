@@ -8,9 +8,11 @@ pub mod passwords;
 pub mod tokens;
 pub mod types;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use contract::fields::Violation;
+use contract::limits::Limiter;
 use contract::paging::PageTokens;
 
 pub use error::{Denied, Error, Resource, Result};
@@ -31,11 +33,41 @@ const USER_MANAGERS: &[Role] = &[Role::GlobalAdministrator, Role::UserAdministra
 
 /// The directory's operations. Every method but sign-up and sign-in takes the authenticated
 /// caller, as loaded from the store for this call.
+/// Abuse limits (0 disables one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AbuseLimits {
+    /// Failed sign-ins per UPN per minute (brute force on one account).
+    pub signin_failures_per_upn_per_minute: u32,
+    /// Sign-in attempts per peer address per minute (password spraying from one host).
+    pub signin_per_peer_per_minute: u32,
+    /// Sign-ups per peer address per minute.
+    pub signup_per_peer_per_minute: u32,
+}
+
+impl Default for AbuseLimits {
+    fn default() -> Self {
+        Self {
+            signin_failures_per_upn_per_minute: 10,
+            signin_per_peer_per_minute: 600,
+            signup_per_peer_per_minute: 30,
+        }
+    }
+}
+
+/// The buckets behind [`AbuseLimits`].
+#[derive(Debug)]
+struct Throttles {
+    failed_signins: Limiter,
+    signin_peers: Limiter,
+    signup_peers: Limiter,
+}
+
 pub struct Service {
     store: Arc<dyn DirectoryStore>,
     passwords: Passwords,
     tokens: Tokens,
     pages: PageTokens,
+    throttles: Throttles,
 }
 
 impl std::fmt::Debug for Service {
@@ -70,17 +102,33 @@ impl Service {
         passwords: Passwords,
         tokens: Tokens,
         pages: PageTokens,
+        limits: AbuseLimits,
     ) -> Self {
         Self {
             store,
             passwords,
             tokens,
             pages,
+            throttles: Throttles {
+                failed_signins: Limiter::per_minute(limits.signin_failures_per_upn_per_minute),
+                signin_peers: Limiter::per_minute(limits.signin_per_peer_per_minute),
+                signup_peers: Limiter::per_minute(limits.signup_per_peer_per_minute),
+            },
         }
     }
 
     /// Sign-up: a directory `<prefix>.onmicrosoft.com` and its first Global Administrator.
-    pub async fn create_directory(&self, new: NewDirectory) -> Result<(Directory, User)> {
+    pub async fn create_directory(
+        &self,
+        new: NewDirectory,
+        peer: Option<IpAddr>,
+    ) -> Result<(Directory, User)> {
+        if let Some(peer) = peer {
+            self.throttles
+                .signup_peers
+                .take(&peer.to_string())
+                .map_err(Error::Throttled)?;
+        }
         let now = contract::time::now_micros();
         let directory = Directory {
             id: new_id(),
@@ -111,9 +159,27 @@ impl Service {
     }
 
     /// A token for the user whose UPN and password these are. Unknown users and wrong
-    /// passwords fail the same way, in about the same time.
-    pub async fn sign_in(&self, upn: Upn, password: Password) -> Result<SignedIn> {
-        let found = self.store.credentials(&upn.key()).await.map_err(internal)?;
+    /// passwords fail the same way, in about the same time. A UPN with too many recent
+    /// failures, or a peer with too many attempts, is throttled before any password is checked
+    /// (so throttling says nothing about whether the UPN exists).
+    pub async fn sign_in(
+        &self,
+        upn: Upn,
+        password: Password,
+        peer: Option<IpAddr>,
+    ) -> Result<SignedIn> {
+        let key = upn.key();
+        if let Some(peer) = peer {
+            self.throttles
+                .signin_peers
+                .take(&peer.to_string())
+                .map_err(Error::Throttled)?;
+        }
+        self.throttles
+            .failed_signins
+            .check(&key)
+            .map_err(Error::Throttled)?;
+        let found = self.store.credentials(&key).await.map_err(internal)?;
         let (user, hash) = match found {
             Some((user, hash)) => (Some(user), Some(hash)),
             None => (None, None),
@@ -121,7 +187,10 @@ impl Service {
         let matches = self.passwords.verify(password, hash).await?;
         let user = match user {
             Some(user) if matches => user,
-            _ => return Err(Error::BadCredentials),
+            _ => {
+                let _ = self.throttles.failed_signins.take(&key);
+                return Err(Error::BadCredentials);
+            }
         };
         let now_secs = contract::time::now_micros() / 1_000_000;
         let subject = TokenSubject {

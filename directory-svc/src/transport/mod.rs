@@ -45,10 +45,11 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::CreateDirectoryRequest>,
     ) -> Reply<pb::CreateDirectoryResponse> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let new = convert::new_directory(request.into_inner()).map_err(to_status)?;
         let (directory, admin) = self
             .service
-            .create_directory(new)
+            .create_directory(new, peer)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::CreateDirectoryResponse {
@@ -58,10 +59,11 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
     }
 
     async fn sign_in(&self, request: Request<pb::SignInRequest>) -> Reply<pb::SignInResponse> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let (upn, password) = convert::sign_in(request.into_inner()).map_err(to_status)?;
         let signed_in = self
             .service
-            .sign_in(upn, password)
+            .sign_in(upn, password, peer)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::SignInResponse {

@@ -46,6 +46,9 @@ pub fn to_status(err: Error) -> Status {
         ),
         Error::SelfDemotion => (Code::FailedPrecondition, "SELF_DEMOTION", vec![]),
         Error::Overloaded => (Code::ResourceExhausted, "OVERLOADED", vec![]),
+        Error::Throttled(retry) => {
+            return contract::rpc::throttled(ERROR_DOMAIN, "RATE_LIMITED", message, *retry);
+        }
         Error::Unavailable(source) => {
             tracing::warn!(error = format!("{source:#}"), "database unavailable");
             (Code::Unavailable, "DATABASE_UNAVAILABLE", vec![])
