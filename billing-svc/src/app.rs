@@ -43,7 +43,7 @@ impl Application {
             config.directory_tls.as_ref(),
         )?;
         let pool = contract::db::connect(&config.database_url, &config.pool).await?;
-        let store = SqlStore::new(pool)
+        let store = SqlStore::new(pool, contract::db::Engine::of(&config.database_url)?)
             .await
             .context("cannot migrate the database")?;
         let page_key = contract::db::secret(store.pool(), "page-token-key").await?;

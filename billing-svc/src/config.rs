@@ -5,7 +5,7 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use clap::Parser;
-use contract::db::{Engine, PoolSettings};
+use contract::db::{Engine, PoolSettings, SqliteSync};
 use contract::launch::{ClientTls, ServerTls};
 
 /// billing-svc: the offer catalogue and subscriptions, authorised by directory-svc over gRPC.
@@ -44,6 +44,16 @@ pub struct Cli {
     /// How long a call waits for a database connection, in seconds.
     #[arg(long, env = "BILLING_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub db_acquire_timeout_secs: u64,
+
+    /// SQLite durability: `normal` (a commit survives a crash or kill -9 of the process) or
+    /// `full` (it survives a power cut too: an fsync per commit).
+    #[arg(
+        long,
+        env = "BILLING_SQLITE_SYNCHRONOUS",
+        value_enum,
+        default_value = "normal"
+    )]
+    pub sqlite_synchronous: SqliteSynchronous,
 
     /// How long SIGTERM waits for in-flight calls before exiting anyway, in seconds.
     #[arg(long, env = "BILLING_DRAIN_SECS", default_value_t = 20)]
@@ -89,6 +99,12 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SqliteSynchronous {
+    Normal,
+    Full,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -193,6 +209,10 @@ impl TryFrom<&Cli> for Config {
             pool: PoolSettings {
                 max_connections: cli.db_max_connections,
                 acquire_timeout: Duration::from_secs(cli.db_acquire_timeout_secs),
+                sqlite_sync: match cli.sqlite_synchronous {
+                    SqliteSynchronous::Normal => SqliteSync::Normal,
+                    SqliteSynchronous::Full => SqliteSync::Full,
+                },
             },
             drain: Duration::from_secs(cli.drain_secs),
             tls: ServerTls::from_files(

@@ -39,7 +39,7 @@ impl Application {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
         let pool = contract::db::connect(&config.database_url, &config.pool).await?;
-        let store = SqlStore::new(pool)
+        let store = SqlStore::new(pool, contract::db::Engine::of(&config.database_url)?)
             .await
             .context("cannot migrate the database")?;
         let token_key = contract::db::secret(store.pool(), "access-token-key").await?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use clap::Parser;
-use contract::db::{Engine, PoolSettings};
+use contract::db::{Engine, PoolSettings, SqliteSync};
 use contract::launch::ServerTls;
 
 use crate::domain::AbuseLimits;
@@ -46,6 +46,16 @@ pub struct Cli {
     /// argon2id iterations (OWASP: 2).
     #[arg(long, env = "DIRECTORY_ARGON2_ITERATIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub argon2_iterations: u32,
+
+    /// SQLite durability: `normal` (a commit survives a crash or kill -9 of the process) or
+    /// `full` (it survives a power cut too: an fsync per commit).
+    #[arg(
+        long,
+        env = "DIRECTORY_SQLITE_SYNCHRONOUS",
+        value_enum,
+        default_value = "normal"
+    )]
+    pub sqlite_synchronous: SqliteSynchronous,
 
     /// How long SIGTERM waits for in-flight calls before exiting anyway, in seconds.
     #[arg(long, env = "DIRECTORY_DRAIN_SECS", default_value_t = 20)]
@@ -106,6 +116,12 @@ pub struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SqliteSynchronous {
+    Normal,
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -156,6 +172,10 @@ impl TryFrom<&Cli> for Config {
             pool: PoolSettings {
                 max_connections: cli.db_max_connections,
                 acquire_timeout: Duration::from_secs(cli.db_acquire_timeout_secs),
+                sqlite_sync: match cli.sqlite_synchronous {
+                    SqliteSynchronous::Normal => SqliteSync::Normal,
+                    SqliteSynchronous::Full => SqliteSync::Full,
+                },
             },
             token_ttl: Duration::from_secs(cli.token_ttl_secs),
             argon2: Argon2Cost {

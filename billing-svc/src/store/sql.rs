@@ -1,6 +1,7 @@
 //! [`BillingStore`] over sqlx's `Any` driver: one set of SQL for SQLite and PostgreSQL.
 
 use async_trait::async_trait;
+use contract::db::{Engine, WriteGate};
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row as _};
 
@@ -14,13 +15,17 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, Clone)]
 pub struct SqlStore {
     pool: AnyPool,
+    writers: WriteGate,
 }
 
 impl SqlStore {
-    /// Wraps an open pool and brings its schema up to date.
-    pub async fn new(pool: AnyPool) -> anyhow::Result<Self> {
+    /// Wraps an open pool on `engine` and brings its schema up to date.
+    pub async fn new(pool: AnyPool, engine: Engine) -> anyhow::Result<Self> {
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            writers: WriteGate::for_engine(engine),
+        })
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -60,6 +65,7 @@ impl BillingStore for SqlStore {
     ) -> Result<(), StoreError> {
         let (request_id, fingerprint) = request.unzip();
         let free_trial_user = s.offer.free_trial.then_some(s.created_by_user_id.as_str());
+        let _turn = self.writers.enter().await;
         sqlx::query(
             "INSERT INTO subscriptions (id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
              created_by_user_id, create_time, cancel_time, request_id, request_fingerprint, free_trial_user_id) \
@@ -156,6 +162,7 @@ impl BillingStore for SqlStore {
     }
 
     async fn cancel(&self, id: &str, now: i64) -> Result<Option<Subscription>, StoreError> {
+        let turn = self.writers.enter().await;
         sqlx::query(
             "UPDATE subscriptions SET state = $1, cancel_time = $2 WHERE id = $3 AND state = $4",
         )
@@ -165,6 +172,7 @@ impl BillingStore for SqlStore {
         .bind(State::Active.code())
         .execute(&self.pool)
         .await?;
+        drop(turn);
         self.get(id).await
     }
 }

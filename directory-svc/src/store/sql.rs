@@ -1,6 +1,7 @@
 //! [`DirectoryStore`] over sqlx's `Any` driver: one set of SQL for SQLite and PostgreSQL.
 
 use async_trait::async_trait;
+use contract::db::{Engine, WriteGate};
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row as _};
 
@@ -14,13 +15,17 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, Clone)]
 pub struct SqlStore {
     pool: AnyPool,
+    writers: WriteGate,
 }
 
 impl SqlStore {
-    /// Wraps an open pool and brings its schema up to date.
-    pub async fn new(pool: AnyPool) -> anyhow::Result<Self> {
+    /// Wraps an open pool on `engine` and brings its schema up to date.
+    pub async fn new(pool: AnyPool, engine: Engine) -> anyhow::Result<Self> {
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            writers: WriteGate::for_engine(engine),
+        })
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -108,6 +113,7 @@ impl DirectoryStore for SqlStore {
         admin: &User,
         password_hash: &str,
     ) -> Result<(), StoreError> {
+        let _turn = self.writers.enter().await;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO directories (id, display_name, domain_prefix, initial_domain, create_time, lock_version) \
@@ -175,6 +181,7 @@ impl DirectoryStore for SqlStore {
         password_hash: &str,
         actor: &Actor,
     ) -> Result<(), StoreError> {
+        let _turn = self.writers.enter().await;
         let mut tx = self.pool.begin().await?;
         lock_for(&mut tx, &user.directory_id, actor).await?;
         insert_user(&mut tx, user, password_hash).await?;
@@ -210,6 +217,7 @@ impl DirectoryStore for SqlStore {
         roles: RoleSet,
         actor: &Actor,
     ) -> Result<User, StoreError> {
+        let _turn = self.writers.enter().await;
         let mut tx = self.pool.begin().await?;
         lock_for(&mut tx, directory_id, actor).await?;
         let updated =
@@ -243,6 +251,7 @@ impl DirectoryStore for SqlStore {
         only_without_roles: bool,
         actor: &Actor,
     ) -> Result<(), StoreError> {
+        let _turn = self.writers.enter().await;
         let mut tx = self.pool.begin().await?;
         lock_for(&mut tx, directory_id, actor).await?;
         let roles: Option<i64> =

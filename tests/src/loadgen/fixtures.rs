@@ -138,6 +138,7 @@ async fn open(url: &str, what: &str, jobs: u32) -> anyhow::Result<AnyPool> {
     let settings = PoolSettings {
         max_connections: jobs.max(PoolSettings::default().max_connections),
         acquire_timeout: Duration::from_secs(60),
+        ..PoolSettings::default()
     };
     contract::db::connect(url, &settings)
         .await
@@ -258,7 +259,7 @@ pub async fn load(args: FixtureArgs) -> anyhow::Result<()> {
     )?);
 
     let directory = Db::open(&args.directory_db, "directory", args.jobs).await?;
-    directory_svc::store::SqlStore::new(directory.pool.clone())
+    directory_svc::store::SqlStore::new(directory.pool.clone(), directory.engine)
         .await
         .context(
             "cannot bring the directory database's schema up to date (is it directory-svc's?)",
@@ -266,7 +267,7 @@ pub async fn load(args: FixtureArgs) -> anyhow::Result<()> {
     let billing = match &billing_db {
         Some(url) => {
             let db = Db::open(url, "billing", args.jobs).await?;
-            billing_svc::store::SqlStore::new(db.pool.clone())
+            billing_svc::store::SqlStore::new(db.pool.clone(), db.engine)
                 .await
                 .context(
                     "cannot bring the billing database's schema up to date (is it billing-svc's?)",
