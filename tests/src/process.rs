@@ -32,6 +32,23 @@ pub fn binary(name: &str) -> PathBuf {
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }
+        // The variables cargo sets for this test crate would make build scripts (ring's)
+        // see a changed environment and rebuild, and then rebuild again for the next test.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().into_owned();
+            let per_crate = [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|prefix| key.starts_with(prefix));
+            if per_crate || key == "OUT_DIR" {
+                build.env_remove(&key);
+            }
+        }
         let status = build.status().expect("cargo runs");
         assert!(status.success(), "building the service binaries failed");
         profile_dir

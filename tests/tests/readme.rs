@@ -11,15 +11,16 @@ fn repo() -> PathBuf {
 
 /// A folder holding grpcurl: `GRPCURL_DIR`, the PATH, or the team's installer.
 fn grpcurl_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("GRPCURL_DIR").map(PathBuf::from) {
-        if dir.join("grpcurl").exists() {
-            return Some(dir);
-        }
+    if let Some(dir) = std::env::var_os("GRPCURL_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.join("grpcurl").exists())
+    {
+        return Some(dir);
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|d| d.join("grpcurl").exists()) {
-            return Some(dir);
-        }
+    if let Some(dir) = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).find(|d| d.join("grpcurl").exists()))
+    {
+        return Some(dir);
     }
     let installer = repo().join("../shared/tools/install-grpcurl");
     let dest = repo().join("target/tools");
