@@ -154,3 +154,37 @@ mod tests {
         assert!(page_size("p", -1).is_err());
     }
 }
+
+/// Property tests: the validators take any input without panicking, and what they accept
+/// keeps the rule.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn display_names_that_pass_keep_the_rule(raw in any::<String>()) {
+            if let Ok(name) = display_name("f", &raw) {
+                prop_assert_eq!(name.trim(), name.as_str());
+                prop_assert!((1..=MAX_DISPLAY_NAME_CHARS).contains(&name.chars().count()));
+                prop_assert!(!name.chars().any(char::is_control));
+            }
+        }
+
+        #[test]
+        fn ids_that_pass_are_canonical(raw in any::<String>()) {
+            if let Ok(id) = id("f", &raw) {
+                prop_assert_eq!(id.to_string(), raw.to_ascii_lowercase());
+            }
+        }
+
+        #[test]
+        fn page_sizes_are_bounded(raw in any::<i32>()) {
+            match page_size("p", raw) {
+                Ok(n) => prop_assert!((1..=MAX_PAGE_SIZE).contains(&n)),
+                Err(_) => prop_assert!(raw < 0),
+            }
+        }
+    }
+}

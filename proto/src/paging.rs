@@ -177,3 +177,34 @@ mod tests {
         );
     }
 }
+
+/// Property tests: the page-token decoder takes any input without panicking, accepts only what
+/// it issued, and round-trips any key.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_tokens_are_refused(raw in any::<String>()) {
+            let tokens = PageTokens::new(&[9; 32]);
+            prop_assert!(tokens.open(&raw, "L", "s", "").is_err());
+        }
+
+        #[test]
+        fn keys_round_trip_and_flipped_bytes_are_refused(key in any::<String>(), at in any::<usize>()) {
+            let tokens = PageTokens::new(&[9; 32]);
+            let token = tokens.issue("L", "s", "f", &key);
+            prop_assert_eq!(tokens.open(&token, "L", "s", "f"), Ok(key));
+            let mut bytes = token.clone().into_bytes();
+            let i = at % bytes.len();
+            bytes[i] = if bytes[i] == b'x' { b'y' } else { b'x' };
+            if let Ok(changed) = String::from_utf8(bytes) {
+                if changed != token {
+                    prop_assert!(tokens.open(&changed, "L", "s", "f").is_err());
+                }
+            }
+        }
+    }
+}

@@ -161,11 +161,69 @@ macro_rules! db_or_skip {
     };
 }
 
-/// A running directory-svc.
-pub struct DirectoryServer {
+/// A server running on a task of this process, stopped (as SIGTERM would) by [`Self::stop`]
+/// and aborted when dropped.
+pub struct Running {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    fn spawn<F>(addr: SocketAddr, run_until: impl FnOnce(oneshot::Receiver<()>) -> F) -> Self
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel::<()>();
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(tokio::spawn(run_until(stopped))),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("connects")
+    }
+
+    /// Stops the server as SIGTERM would, and waits for it to exit cleanly.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("server task")
+                .expect("server exits cleanly");
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A running directory-svc.
+pub struct DirectoryServer(Running);
+
+impl std::ops::Deref for DirectoryServer {
+    type Target = Running;
+
+    fn deref(&self) -> &Running {
+        &self.0
+    }
 }
 
 /// Cheap settings for tests: argon2 at its minimum cost.
@@ -195,52 +253,20 @@ impl DirectoryServer {
         let app = directory_svc::Application::build(config)
             .await
             .expect("directory-svc starts");
-        let addr = app.local_addr();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until(async {
-            let _ = stopped.await;
-        }));
-        Self {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .expect("valid url")
-            .connect()
-            .await
-            .expect("connects")
+        Self(Running::spawn(app.local_addr(), |stopped| {
+            app.run_until(async {
+                let _ = stopped.await;
+            })
+        }))
     }
 
     pub async fn client(&self) -> DirectoryServiceClient<Channel> {
         DirectoryServiceClient::new(self.channel().await)
     }
 
-    /// Stops the server as SIGTERM would, and waits for it to exit.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await
-                .expect("server task")
-                .expect("server exits cleanly");
-        }
-    }
-}
-
-impl Drop for DirectoryServer {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
+    /// Stops the server as SIGTERM would, and waits for it to exit cleanly.
+    pub async fn stop(self) {
+        self.0.stop().await;
     }
 }
 
@@ -364,10 +390,14 @@ pub fn expect_err<T: std::fmt::Debug>(
 }
 
 /// A running billing-svc.
-pub struct BillingServer {
-    pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+pub struct BillingServer(Running);
+
+impl std::ops::Deref for BillingServer {
+    type Target = Running;
+
+    fn deref(&self) -> &Running {
+        &self.0
+    }
 }
 
 /// Test settings for billing-svc talking to `directory_url`.
@@ -386,45 +416,20 @@ impl BillingServer {
         let app = billing_svc::Application::build(config)
             .await
             .expect("billing-svc starts");
-        let addr = app.local_addr();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until(async {
-            let _ = stopped.await;
-        }));
-        Self {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Self(Running::spawn(app.local_addr(), |stopped| {
+            app.run_until(async {
+                let _ = stopped.await;
+            })
+        }))
     }
 
     pub async fn client(&self) -> BillingServiceClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
-            .expect("valid url")
-            .connect()
-            .await
-            .expect("connects");
-        BillingServiceClient::new(channel)
+        BillingServiceClient::new(self.channel().await)
     }
 
-    /// Stops the server as SIGTERM would, and waits for it to exit.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await
-                .expect("server task")
-                .expect("server exits cleanly");
-        }
-    }
-}
-
-impl Drop for BillingServer {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
+    /// Stops the server as SIGTERM would, and waits for it to exit cleanly.
+    pub async fn stop(self) {
+        self.0.stop().await;
     }
 }
 

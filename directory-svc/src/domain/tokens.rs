@@ -133,3 +133,20 @@ mod tests {
         assert_eq!(tokens.verify(&format!("{header}.{body}.")), None);
     }
 }
+
+/// Property test: the token verifier takes any input without panicking and accepts nothing
+/// it did not sign.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_tokens_are_refused(raw in any::<String>(), parts in proptest::collection::vec("[A-Za-z0-9_-]{0,40}", 3)) {
+            let tokens = Tokens::new(&[3; 32], Duration::from_secs(60));
+            prop_assert_eq!(tokens.verify(&raw), None);
+            prop_assert_eq!(tokens.verify(&parts.join(".")), None);
+        }
+    }
+}

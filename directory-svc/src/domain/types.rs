@@ -367,3 +367,48 @@ mod tests {
         assert!(RoleSet::from_bits(1).is_empty());
     }
 }
+
+/// Property tests: the parsers take any input without panicking, and what they accept keeps
+/// the contract's rule.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn upns_that_pass_keep_the_rule(raw in any::<String>()) {
+            if let Ok(upn) = Upn::parse("u", &raw) {
+                let (local, domain) = upn.as_str().rsplit_once('@').unwrap_or_default();
+                prop_assert!(upn.as_str().chars().count() <= 113);
+                prop_assert!((1..=64).contains(&local.chars().count()));
+                prop_assert!(!local.starts_with('.') && !local.ends_with('.'));
+                prop_assert!(local.chars().all(|c| c.is_ascii_alphanumeric() || "'.-_!#^~".contains(c)));
+                prop_assert!((1..=48).contains(&domain.len()));
+                prop_assert_eq!(upn.domain(), domain);
+                prop_assert_eq!(upn.key(), upn.as_str().to_ascii_lowercase());
+            }
+        }
+
+        #[test]
+        fn upn_shaped_input_parses(local in "[A-Za-z0-9_~-][A-Za-z0-9'._~-]{0,20}[A-Za-z0-9_]", prefix in "[a-z0-9]{2,32}") {
+            let raw = format!("{local}@{prefix}.onmicrosoft.com");
+            prop_assert!(Upn::parse("u", &raw).is_ok(), "{}", raw);
+        }
+
+        #[test]
+        fn passwords_that_pass_keep_the_rule(raw in any::<String>()) {
+            if Password::parse("p", &raw).is_ok() {
+                prop_assert!((8..=256).contains(&raw.chars().count()));
+            }
+        }
+
+        #[test]
+        fn prefixes_that_pass_keep_the_rule(raw in any::<String>()) {
+            if let Ok(prefix) = DomainPrefix::parse("d", &raw) {
+                prop_assert!((2..=32).contains(&prefix.as_str().len()));
+                prop_assert!(prefix.as_str().bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+            }
+        }
+    }
+}
