@@ -200,10 +200,10 @@ mod properties {
             let mut bytes = token.clone().into_bytes();
             let i = at % bytes.len();
             bytes[i] = if bytes[i] == b'x' { b'y' } else { b'x' };
-            if let Ok(changed) = String::from_utf8(bytes) {
-                if changed != token {
-                    prop_assert!(tokens.open(&changed, "L", "s", "f").is_err());
-                }
+            if let Ok(changed) = String::from_utf8(bytes)
+                && changed != token
+            {
+                prop_assert!(tokens.open(&changed, "L", "s", "f").is_err());
             }
         }
     }
