@@ -204,6 +204,15 @@ pub async fn secret(pool: &AnyPool, name: &str) -> anyhow::Result<Vec<u8>> {
         .context("the stored secret is not base64")
 }
 
+/// Whether `err` means the database cannot be reached right now (the caller may retry), as
+/// opposed to a failure of the statement itself.
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    matches!(
+        err,
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
+    )
+}
+
 /// Whether `err` is a unique-constraint violation (on either engine).
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())

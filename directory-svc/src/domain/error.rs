@@ -79,11 +79,12 @@ fn denied_message(denied: Denied) -> &'static str {
 
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
-        match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Error::Unavailable(anyhow::Error::new(err).context("database"))
-            }
-            other => Error::Internal(anyhow::Error::new(other).context("database")),
+        let unavailable = contract::db::is_unavailable(&err);
+        let err = anyhow::Error::new(err).context("database");
+        if unavailable {
+            Error::Unavailable(err)
+        } else {
+            Error::Internal(err)
         }
     }
 }
