@@ -143,6 +143,20 @@ impl Proc {
         format!("http://{}", self.addr)
     }
 
+    /// Resident memory of the process now, in KiB (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// SIGKILL: no drain, no cleanup.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
