@@ -66,6 +66,22 @@ async fn world(backend: Backend) -> Option<World> {
     })
 }
 
+impl World {
+    /// Kelley (the Global Administrator) replaces Tricia's roles.
+    async fn set_tricia_roles(&mut self, roles: &[dpb::Role]) {
+        self.dir
+            .set_user_roles(authed(
+                dpb::SetUserRolesRequest {
+                    user_id: self.tricia.0.id.clone(),
+                    roles: roles.iter().map(|r| *r as i32).collect(),
+                },
+                &self.contoso.token,
+            ))
+            .await
+            .expect("Kelley sets Tricia's roles");
+    }
+}
+
 fn buy(offer: &str, seats: i32, request_id: &str) -> bpb::CreateSubscriptionRequest {
     bpb::CreateSubscriptionRequest {
         offer_id: offer.into(),
@@ -195,16 +211,7 @@ async fn purchases_need_global_or_billing_administrator_as_stored_now(backend: B
     );
     let _ = jane;
 
-    w.dir
-        .set_user_roles(authed(
-            dpb::SetUserRolesRequest {
-                user_id: tricia.id.clone(),
-                roles: vec![dpb::Role::BillingAdministrator as i32],
-            },
-            &w.contoso.token,
-        ))
-        .await
-        .expect("make Tricia Billing Administrator");
+    w.set_tricia_roles(&[dpb::Role::BillingAdministrator]).await;
     let bought = w
         .bill
         .create_subscription(authed(buy("office365-e3", 10, ""), &tricia_token))
@@ -213,16 +220,7 @@ async fn purchases_need_global_or_billing_administrator_as_stored_now(backend: B
         .into_inner();
     assert_eq!(bought.created_by_user_id, tricia.id);
 
-    w.dir
-        .set_user_roles(authed(
-            dpb::SetUserRolesRequest {
-                user_id: tricia.id.clone(),
-                roles: vec![],
-            },
-            &w.contoso.token,
-        ))
-        .await
-        .expect("remove the role");
+    w.set_tricia_roles(&[]).await;
     expect_err(
         w.bill
             .create_subscription(authed(buy("office365-e3", 10, ""), &tricia_token))
@@ -402,17 +400,8 @@ async fn request_ids_make_purchases_idempotent(backend: Backend) {
         "REQUEST_ID_REUSED",
     );
     // Another user with the same request id is another request.
-    let (tricia, tricia_token) = w.tricia.clone();
-    w.dir
-        .set_user_roles(authed(
-            dpb::SetUserRolesRequest {
-                user_id: tricia.id.clone(),
-                roles: vec![dpb::Role::BillingAdministrator as i32],
-            },
-            &token,
-        ))
-        .await
-        .expect("billing admin");
+    let tricia_token = w.tricia.1.clone();
+    w.set_tricia_roles(&[dpb::Role::BillingAdministrator]).await;
     let hers = w
         .bill
         .create_subscription(authed(buy("office365-e3", 5, &rid), &tricia_token))
@@ -486,17 +475,8 @@ async fn one_free_trial_per_user_even_when_racing(backend: Backend) {
         "FREE_TRIAL_ALREADY_USED",
     );
     // Another user still has theirs.
-    let (tricia, tricia_token) = w.tricia.clone();
-    w.dir
-        .set_user_roles(authed(
-            dpb::SetUserRolesRequest {
-                user_id: tricia.id.clone(),
-                roles: vec![dpb::Role::GlobalAdministrator as i32],
-            },
-            &token,
-        ))
-        .await
-        .expect("promote");
+    let tricia_token = w.tricia.1.clone();
+    w.set_tricia_roles(&[dpb::Role::GlobalAdministrator]).await;
     w.bill
         .create_subscription(authed(buy("azure-free-trial", 0, ""), &tricia_token))
         .await
@@ -509,18 +489,9 @@ async fn visibility_owner_admin_other_user_and_other_directory(backend: Backend)
         return;
     };
     let admin = w.contoso.token.clone();
-    let (tricia, tricia_token) = w.tricia.clone();
+    let tricia_token = w.tricia.1.clone();
     let (_, jane_token) = w.jane.clone();
-    w.dir
-        .set_user_roles(authed(
-            dpb::SetUserRolesRequest {
-                user_id: tricia.id.clone(),
-                roles: vec![dpb::Role::BillingAdministrator as i32],
-            },
-            &admin,
-        ))
-        .await
-        .expect("billing admin");
+    w.set_tricia_roles(&[dpb::Role::BillingAdministrator]).await;
     let kelley_azure = w
         .bill
         .create_subscription(authed(buy("azure-pay-as-you-go", 0, ""), &admin))
@@ -540,16 +511,7 @@ async fn visibility_owner_admin_other_user_and_other_directory(backend: Backend)
         .expect("o")
         .into_inner();
     // Tricia loses the role: she still owns her Azure subscription.
-    w.dir
-        .set_user_roles(authed(
-            dpb::SetUserRolesRequest {
-                user_id: tricia.id.clone(),
-                roles: vec![],
-            },
-            &admin,
-        ))
-        .await
-        .expect("demote");
+    w.set_tricia_roles(&[]).await;
 
     let get = |id: &str| bpb::GetSubscriptionRequest {
         subscription_id: id.to_owned(),
@@ -633,18 +595,9 @@ async fn cancel_rules_and_idempotent_cancel(backend: Backend) {
         return;
     };
     let admin = w.contoso.token.clone();
-    let (tricia, tricia_token) = w.tricia.clone();
+    let tricia_token = w.tricia.1.clone();
     let (_, jane_token) = w.jane.clone();
-    w.dir
-        .set_user_roles(authed(
-            dpb::SetUserRolesRequest {
-                user_id: tricia.id.clone(),
-                roles: vec![dpb::Role::BillingAdministrator as i32],
-            },
-            &admin,
-        ))
-        .await
-        .expect("billing admin");
+    w.set_tricia_roles(&[dpb::Role::BillingAdministrator]).await;
     let tricia_azure = w
         .bill
         .create_subscription(authed(buy("azure-pay-as-you-go", 0, ""), &tricia_token))
@@ -663,16 +616,7 @@ async fn cancel_rules_and_idempotent_cancel(backend: Backend) {
         .await
         .expect("k")
         .into_inner();
-    w.dir
-        .set_user_roles(authed(
-            dpb::SetUserRolesRequest {
-                user_id: tricia.id.clone(),
-                roles: vec![],
-            },
-            &admin,
-        ))
-        .await
-        .expect("demote");
+    w.set_tricia_roles(&[]).await;
     let cancel = |id: &str| bpb::CancelSubscriptionRequest {
         subscription_id: id.to_owned(),
     };
@@ -1104,18 +1048,9 @@ async fn authentication_comes_before_validation_and_retries_survive_role_loss(ba
 
     // Tricia buys as Billing Administrator, loses the role, and retries the same request: she
     // gets her first subscription back (it was authorised); a new purchase is refused.
-    let (tricia, tricia_token) = w.tricia.clone();
+    let tricia_token = w.tricia.1.clone();
     let admin = w.contoso.token.clone();
-    w.dir
-        .set_user_roles(authed(
-            dpb::SetUserRolesRequest {
-                user_id: tricia.id.clone(),
-                roles: vec![dpb::Role::BillingAdministrator as i32],
-            },
-            &admin,
-        ))
-        .await
-        .expect("grant");
+    w.set_tricia_roles(&[dpb::Role::BillingAdministrator]).await;
     let rid = uuid::Uuid::new_v4().to_string();
     let first = w
         .bill
@@ -1123,16 +1058,7 @@ async fn authentication_comes_before_validation_and_retries_survive_role_loss(ba
         .await
         .expect("first")
         .into_inner();
-    w.dir
-        .set_user_roles(authed(
-            dpb::SetUserRolesRequest {
-                user_id: tricia.id.clone(),
-                roles: vec![],
-            },
-            &admin,
-        ))
-        .await
-        .expect("revoke");
+    w.set_tricia_roles(&[]).await;
     let retry = w
         .bill
         .create_subscription(authed(buy("office365-e3", 4, &rid), &tricia_token))
