@@ -1,6 +1,7 @@
 //! Starting and stopping the server: bind first (so tests can use port 0 and read the port),
-//! open the database and run migrations, prepare the directory client (connected lazily), then
-//! serve until a shutdown signal, draining in-flight calls.
+//! claim the SQLite file (one process per file), open the database and run migrations, put the
+//! cache in front of the store when this process owns the file, prepare the directory client
+//! (connected lazily), then serve until a shutdown signal, draining in-flight calls.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use contract::billing::v1::billing_service_server::{BillingServiceServer, SERVICE_NAME};
+use contract::db::Ownership;
 use contract::paging::PageTokens;
 use contract::rpc::ServeOptions;
 use tokio::net::TcpListener;
@@ -16,7 +18,7 @@ use tonic::service::Routes;
 use crate::config::Config;
 use crate::directory::GrpcDirectory;
 use crate::domain::Service;
-use crate::store::SqlStore;
+use crate::store::{BillingStore, CachedStore, SqlStore};
 use crate::transport::BillingApi;
 
 /// Largest request the server decodes.
@@ -29,6 +31,8 @@ pub struct Application {
     pool: sqlx::AnyPool,
     api: BillingApi,
     config: Config,
+    /// This process's claim on its SQLite file, held while it serves.
+    ownership: Option<Ownership>,
 }
 
 impl Application {
@@ -42,23 +46,27 @@ impl Application {
             config.directory_timeout,
             config.directory_tls.as_ref(),
         )?;
+        let ownership = Ownership::claim(&config.database_url)?;
         let pool = contract::db::connect(&config.database_url, &config.pool).await?;
         let store = SqlStore::new(pool, contract::db::Engine::of(&config.database_url)?)
             .await
             .context("cannot migrate the database")?;
         let page_key = contract::db::secret(store.pool(), "page-token-key").await?;
         let pool = store.pool().clone();
-        let service = Service::new(
-            Arc::new(store),
-            Arc::new(directory),
-            PageTokens::new(&page_key),
-        );
+        let store: Arc<dyn BillingStore> = match (&ownership, config.cache_entries) {
+            (Some(_), entries) if entries > 0 => {
+                Arc::new(CachedStore::new(Arc::new(store), entries))
+            }
+            _ => Arc::new(store),
+        };
+        let service = Service::new(store, Arc::new(directory), PageTokens::new(&page_key));
         Ok(Self {
             listener,
             local_addr,
             pool,
             api: BillingApi::new(Arc::new(service)),
             config,
+            ownership,
         })
     }
 
@@ -82,6 +90,7 @@ impl Application {
         let served =
             contract::rpc::serve(self.listener, Routes::new(service), options, shutdown).await;
         pool_metrics.abort();
+        drop(self.ownership);
         served
     }
 }

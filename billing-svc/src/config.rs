@@ -41,6 +41,12 @@ pub struct Cli {
     #[arg(long, env = "BILLING_DB_MAX_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub db_max_connections: u32,
 
+    /// Subscriptions kept in memory by id (0: none). Only on SQLite, where this process
+    /// owns the file and every write passes through it; on PostgreSQL every read goes to the
+    /// database, which replicas share.
+    #[arg(long, env = "BILLING_CACHE_ENTRIES", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub cache_entries: u64,
+
     /// How long a call waits for a database connection, in seconds.
     #[arg(long, env = "BILLING_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub db_acquire_timeout_secs: u64,
@@ -126,6 +132,8 @@ pub struct Config {
     /// TLS towards the directory (for https:// URLs).
     pub directory_tls: Option<ClientTls>,
     pub max_in_flight: usize,
+    /// In-memory entries by id (SQLite only; 0: none).
+    pub cache_entries: usize,
 }
 
 impl Config {
@@ -145,6 +153,7 @@ impl Config {
             tls: None,
             directory_tls: None,
             max_in_flight: 1024,
+            cache_entries: contract::cache::DEFAULT_ENTRIES,
         }
     }
 }
@@ -222,6 +231,7 @@ impl TryFrom<&Cli> for Config {
             )?,
             directory_tls,
             max_in_flight: cli.max_in_flight as usize,
+            cache_entries: usize::try_from(cli.cache_entries)?,
         })
     }
 }

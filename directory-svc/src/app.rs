@@ -1,12 +1,14 @@
 //! Starting and stopping the server: bind first (so tests can use port 0 and read the port),
-//! open the database and run migrations, then serve until a shutdown signal, draining
-//! in-flight calls.
+//! claim the SQLite file (one process per file), open the database and run migrations, put
+//! the cache in front of the store when this process owns the file, then serve until a
+//! shutdown signal, draining in-flight calls.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use contract::db::Ownership;
 use contract::directory::v1::directory_service_server::{DirectoryServiceServer, SERVICE_NAME};
 use contract::paging::PageTokens;
 use contract::rpc::ServeOptions;
@@ -17,7 +19,7 @@ use crate::config::Config;
 use crate::domain::Service;
 use crate::domain::passwords::Passwords;
 use crate::domain::tokens::Tokens;
-use crate::store::SqlStore;
+use crate::store::{CachedStore, DirectoryStore, SqlStore};
 use crate::transport::DirectoryApi;
 
 /// Largest request the server decodes.
@@ -30,6 +32,8 @@ pub struct Application {
     pool: sqlx::AnyPool,
     api: DirectoryApi,
     config: Config,
+    /// This process's claim on its SQLite file, held while it serves.
+    ownership: Option<Ownership>,
 }
 
 impl Application {
@@ -38,6 +42,7 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
+        let ownership = Ownership::claim(&config.database_url)?;
         let pool = contract::db::connect(&config.database_url, &config.pool).await?;
         let store = SqlStore::new(pool, contract::db::Engine::of(&config.database_url)?)
             .await
@@ -45,8 +50,14 @@ impl Application {
         let token_key = contract::db::secret(store.pool(), "access-token-key").await?;
         let page_key = contract::db::secret(store.pool(), "page-token-key").await?;
         let pool = store.pool().clone();
+        let store: Arc<dyn DirectoryStore> = match (&ownership, config.cache_entries) {
+            (Some(_), entries) if entries > 0 => {
+                Arc::new(CachedStore::new(Arc::new(store), entries))
+            }
+            _ => Arc::new(store),
+        };
         let service = Service::new(
-            Arc::new(store),
+            store,
             Passwords::new(config.argon2)?,
             Tokens::new(&token_key, config.token_ttl),
             PageTokens::new(&page_key),
@@ -58,6 +69,7 @@ impl Application {
             pool,
             api: DirectoryApi::new(Arc::new(service)),
             config,
+            ownership,
         })
     }
 
@@ -81,6 +93,7 @@ impl Application {
         let served =
             contract::rpc::serve(self.listener, Routes::new(service), options, shutdown).await;
         pool_metrics.abort();
+        drop(self.ownership);
         served
     }
 }

@@ -31,6 +31,12 @@ pub struct Cli {
     #[arg(long, env = "DIRECTORY_DB_MAX_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub db_max_connections: u32,
 
+    /// Users and directories kept in memory by id (0: none). Only on SQLite, where this process
+    /// owns the file and every write passes through it; on PostgreSQL every read goes to the
+    /// database, which replicas share.
+    #[arg(long, env = "DIRECTORY_CACHE_ENTRIES", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub cache_entries: u64,
+
     /// How long a call waits for a database connection, in seconds.
     #[arg(long, env = "DIRECTORY_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub db_acquire_timeout_secs: u64,
@@ -138,6 +144,8 @@ pub struct Config {
     pub drain: Duration,
     pub tls: Option<ServerTls>,
     pub max_in_flight: usize,
+    /// In-memory entries by id (SQLite only; 0: none).
+    pub cache_entries: usize,
     pub limits: AbuseLimits,
 }
 
@@ -153,6 +161,7 @@ impl Config {
             drain: Duration::from_secs(20),
             tls: None,
             max_in_flight: 1024,
+            cache_entries: contract::cache::DEFAULT_ENTRIES,
             limits: AbuseLimits::default(),
         }
     }
@@ -190,6 +199,7 @@ impl TryFrom<&Cli> for Config {
                 cli.tls_client_ca.as_deref(),
             )?,
             max_in_flight: cli.max_in_flight as usize,
+            cache_entries: usize::try_from(cli.cache_entries)?,
             limits: AbuseLimits {
                 signin_failures_per_upn_per_minute: cli.signin_failures_per_upn_per_minute,
                 signin_per_peer_per_minute: cli.signin_per_peer_per_minute,

@@ -121,6 +121,10 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<AnyPo
     AnyPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
+        // An SQLite connection lives in this process and cannot break; pinging it before each
+        // use would cost a round trip to its worker thread per statement. PostgreSQL
+        // connections are pinged, so a restart of the server costs no caller an error.
+        .test_before_acquire(engine != Engine::Sqlite)
         .after_connect(move |conn, _meta| {
             Box::pin(async move {
                 if engine == Engine::Sqlite {
@@ -151,6 +155,56 @@ async fn create_postgres_database(url: &str) -> anyhow::Result<()> {
     }
     tracing::info!("created the database");
     Ok(())
+}
+
+/// This process's exclusive claim on an SQLite database: an advisory lock on `PATH.lock`,
+/// held until the value drops (or the process dies, when the kernel releases it). A second
+/// service process, or the fixture loader, started on the same file refuses to start. That
+/// makes the process the only writer of the file, which the in-memory caches of
+/// [`crate::cache`] rely on, and it keeps the in-process [`WriteGate`] the only queue of
+/// writers.
+#[derive(Debug)]
+pub struct Ownership {
+    _lock: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl Ownership {
+    /// Claims the SQLite file `url` names; `None` on PostgreSQL, where replicas share the
+    /// database by design.
+    pub fn claim(url: &str) -> anyhow::Result<Option<Self>> {
+        if Engine::of(url)? != Engine::Sqlite {
+            return Ok(None);
+        }
+        let url = sqlite_url(url)?;
+        let rest = url.strip_prefix("sqlite://").unwrap_or(&url);
+        let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+        let lock_path = std::path::PathBuf::from(format!("{path}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Self {
+                _lock: file,
+                path: lock_path,
+            })),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another process is using the database {path} (it holds {}); \
+                 an SQLite database belongs to one process: stop it, or use PostgreSQL to run replicas",
+                lock_path.display()
+            ),
+            Err(std::fs::TryLockError::Error(err)) => {
+                Err(anyhow::Error::new(err).context(format!("cannot lock {}", lock_path.display())))
+            }
+        }
+    }
+
+    pub fn lock_path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// `sqlite://PATH`: creates PATH's folder and asks SQLite to create the file.
@@ -235,5 +289,31 @@ mod tests {
             "sqlite://a.db?mode=ro"
         );
         assert!(Engine::of("mysql://x").is_err());
+    }
+
+    #[test]
+    fn one_process_owns_an_sqlite_file() {
+        let dir = std::env::temp_dir().join(format!("contract-own-{}", uuid::Uuid::new_v4()));
+        let url = format!("sqlite://{}/x.db", dir.display());
+        let first = Ownership::claim(&url)
+            .expect("first claim")
+            .expect("sqlite");
+        let second = Ownership::claim(&url).expect_err("the file is taken");
+        assert!(
+            second
+                .to_string()
+                .contains("another process is using the database"),
+            "{second}"
+        );
+        drop(first);
+        let again = Ownership::claim(&url).expect("free again").expect("sqlite");
+        assert!(again.lock_path().ends_with("x.db.lock"));
+        assert!(
+            Ownership::claim("postgres://h/db")
+                .expect("no claim needed")
+                .is_none()
+        );
+        drop(again);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -169,15 +169,18 @@ impl Service {
     ) -> Result<Subscription> {
         let fingerprint = new.fingerprint();
         let request_id = new.request_id.map(|id| id.to_string());
-        if let Some(first) = self
-            .replay(caller, request_id.as_deref(), &fingerprint)
-            .await?
-        {
-            return Ok(first);
-        }
         if !caller.allowed {
-            return Err(Error::PermissionDenied(caller.reason.clone()));
+            // A retry of a purchase made while the caller could still buy answers with it.
+            return match self
+                .replay(caller, request_id.as_deref(), &fingerprint)
+                .await?
+            {
+                Some(first) => Ok(first),
+                None => Err(Error::PermissionDenied(caller.reason.clone())),
+            };
         }
+        // Insert first: the unique index on (creator, request_id) finds a retry (or a
+        // concurrent twin) in the same statement, so a new purchase costs one write and no read.
         let subscription = Subscription {
             id: uuid::Uuid::new_v4().to_string(),
             offer: new.offer,
@@ -197,7 +200,8 @@ impl Service {
         match self.store.insert(&subscription, request).await {
             Ok(()) => Ok(subscription),
             Err(StoreError::Conflict) => {
-                // A concurrent twin of this request won the unique index: answer with its row.
+                // An earlier or concurrent call with this request_id holds the index: answer
+                // with its row (or refuse a reused request_id).
                 if let Some(first) = self
                     .replay(caller, request_id.as_deref(), &fingerprint)
                     .await?

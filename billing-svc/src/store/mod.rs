@@ -2,8 +2,10 @@
 //! PostgreSQL with the same SQL. "One subscription per request_id" and "one free trial per
 //! user" are unique indexes: concurrent requests cannot both win.
 
+mod cached;
 mod sql;
 
+pub use cached::CachedStore;
 pub use sql::SqlStore;
 
 use async_trait::async_trait;

@@ -3,8 +3,10 @@
 //! (unique prefix and UPN, at least one Global Administrator, "only users without roles") are
 //! enforced here, inside one transaction or by a unique index, never by check-then-write.
 
+mod cached;
 mod sql;
 
+pub use cached::CachedStore;
 pub use sql::SqlStore;
 
 use async_trait::async_trait;

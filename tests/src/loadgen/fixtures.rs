@@ -160,12 +160,18 @@ struct Db {
     engine: Engine,
     /// Transactions to run at once.
     jobs: usize,
+    /// The loader's claim on an SQLite file: a service running on it (which caches rows it
+    /// believes only it writes) makes the load refuse to start.
+    _ownership: Option<contract::db::Ownership>,
 }
 
 impl Db {
     async fn open(url: &str, what: &str, jobs: u32) -> anyhow::Result<Self> {
         let engine = Engine::of(url)?;
+        let ownership = contract::db::Ownership::claim(url)
+            .with_context(|| format!("stop the {what} service before loading its database"))?;
         Ok(Self {
+            _ownership: ownership,
             pool: open(url, what, jobs).await?,
             engine,
             jobs: match engine {

@@ -1,0 +1,160 @@
+//! [`CachedStore`]: users and directories by id from memory, for a process that owns its
+//! SQLite file (see [`contract::db::Ownership`]). Every authenticated call loads its caller by
+//! id, so this takes the database off the path of Authorize, WhoAmI and GetUser.
+//!
+//! Correctness rests on [`contract::cache::OwnedCache`]'s protocol: the writes that change a
+//! cached user (SetUserRoles, DeleteUser) hold a write guard until they have committed, so a
+//! role change or a deletion applies to the next call exactly as it did without the cache.
+//! New users and directories need no invalidation (absent rows are never cached), and a
+//! directory row never changes once written.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use contract::cache::OwnedCache;
+
+use super::{Actor, DirectoryStore, StoreError};
+use crate::domain::model::{Directory, User};
+use crate::domain::types::RoleSet;
+
+pub struct CachedStore {
+    inner: Arc<dyn DirectoryStore>,
+    users: Arc<OwnedCache<User>>,
+    directories: OwnedCache<Directory>,
+}
+
+impl CachedStore {
+    /// Caches up to `entries` users and as many directories in front of `inner`.
+    pub fn new(inner: Arc<dyn DirectoryStore>, entries: usize) -> Self {
+        Self {
+            inner,
+            users: Arc::new(OwnedCache::new(entries)),
+            directories: OwnedCache::new(entries),
+        }
+    }
+
+    /// Runs a write of user `user_id` to completion in its own task, holding the cache's
+    /// write guard until it has committed or failed, even if the caller stops waiting.
+    async fn write_user<T: Send + 'static>(
+        &self,
+        user_id: &str,
+        write: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (users, key) = (self.users.clone(), user_id.to_owned());
+        let task = tokio::spawn(async move {
+            let _writing = users.write(&key);
+            write.await
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        }
+    }
+}
+
+#[async_trait]
+impl DirectoryStore for CachedStore {
+    async fn create_directory(
+        &self,
+        directory: &Directory,
+        admin: &User,
+        password_hash: &str,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .create_directory(directory, admin, password_hash)
+            .await
+    }
+
+    async fn directory(&self, id: &str) -> Result<Option<Directory>, StoreError> {
+        if let Some(hit) = self.directories.get(id) {
+            return Ok(Some(hit));
+        }
+        let ticket = self.directories.ticket();
+        let found = self.inner.directory(id).await?;
+        if let Some(directory) = &found {
+            self.directories.fill(id, directory.clone(), ticket);
+        }
+        Ok(found)
+    }
+
+    async fn user(&self, id: &str) -> Result<Option<User>, StoreError> {
+        if let Some(hit) = self.users.get(id) {
+            return Ok(Some(hit));
+        }
+        let ticket = self.users.ticket();
+        let found = self.inner.user(id).await?;
+        if let Some(user) = &found {
+            self.users.fill(id, user.clone(), ticket);
+        }
+        Ok(found)
+    }
+
+    async fn user_by_upn(&self, upn_key: &str) -> Result<Option<User>, StoreError> {
+        self.inner.user_by_upn(upn_key).await
+    }
+
+    async fn credentials(&self, upn_key: &str) -> Result<Option<(User, String)>, StoreError> {
+        self.inner.credentials(upn_key).await
+    }
+
+    async fn insert_user(
+        &self,
+        user: &User,
+        password_hash: &str,
+        actor: &Actor,
+    ) -> Result<(), StoreError> {
+        self.inner.insert_user(user, password_hash, actor).await
+    }
+
+    async fn list_users(
+        &self,
+        directory_id: &str,
+        role_mask: i64,
+        after_key: &str,
+        limit: u32,
+    ) -> Result<Vec<User>, StoreError> {
+        self.inner
+            .list_users(directory_id, role_mask, after_key, limit)
+            .await
+    }
+
+    async fn set_roles(
+        &self,
+        directory_id: &str,
+        user_id: &str,
+        roles: RoleSet,
+        actor: &Actor,
+    ) -> Result<User, StoreError> {
+        let (inner, directory_id, id, actor) = (
+            self.inner.clone(),
+            directory_id.to_owned(),
+            user_id.to_owned(),
+            actor.clone(),
+        );
+        self.write_user(user_id, async move {
+            inner.set_roles(&directory_id, &id, roles, &actor).await
+        })
+        .await
+    }
+
+    async fn delete_user(
+        &self,
+        directory_id: &str,
+        user_id: &str,
+        only_without_roles: bool,
+        actor: &Actor,
+    ) -> Result<(), StoreError> {
+        let (inner, directory_id, id, actor) = (
+            self.inner.clone(),
+            directory_id.to_owned(),
+            user_id.to_owned(),
+            actor.clone(),
+        );
+        self.write_user(user_id, async move {
+            inner
+                .delete_user(&directory_id, &id, only_without_roles, &actor)
+                .await
+        })
+        .await
+    }
+}

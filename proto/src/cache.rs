@@ -1,0 +1,212 @@
+//! A read-through cache of rows that only this process writes, invalidated exactly.
+//!
+//! It is only correct when every write to the cached rows goes through this process: the
+//! services enable it on SQLite, where [`crate::db::Ownership`] makes the process the file's
+//! only user, and never on PostgreSQL, where replicas share the database.
+//!
+//! The protocol (readers never see a value older than the last acknowledged write):
+//! - a reader that misses takes a [`Ticket`] *before* it reads the database, and [`fill`]s
+//!   the row only if no write began or ended since (the ticket's epoch is still current and no
+//!   write is in progress), checked under the map's shard lock;
+//! - a writer holds a [`WriteGuard`] across its whole database write: taking it marks a write
+//!   in progress, moves the epoch and removes the key; dropping it (after the commit, or after
+//!   an error) moves the epoch again and removes the key again before the write is
+//!   acknowledged. A fill that read the old row either sees the moved epoch and gives up, or
+//!   holds the shard lock first, so the guard's removal comes after it.
+//!
+//! Writers must let their write finish even if the caller goes away (run it in a spawned
+//! task holding the guard), so the guard never drops before the commit lands.
+//!
+//! [`fill`]: OwnedCache::fill
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+/// Entries kept by default.
+pub const DEFAULT_ENTRIES: usize = 50_000;
+
+#[derive(Debug)]
+pub struct OwnedCache<V> {
+    map: DashMap<String, V>,
+    epoch: AtomicU64,
+    writing: AtomicUsize,
+    capacity: usize,
+}
+
+/// The cache's epoch when a reader began reading the database.
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct Ticket(u64);
+
+impl<V: Clone> OwnedCache<V> {
+    /// A cache of at most `capacity` entries (when full, it starts over empty).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            map: DashMap::new(),
+            epoch: AtomicU64::new(0),
+            writing: AtomicUsize::new(0),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<V> {
+        let hit = self.map.get(key).map(|v| v.value().clone());
+        metrics::counter!("cache_lookups_total", "hit" => if hit.is_some() { "true" } else { "false" })
+            .increment(1);
+        hit
+    }
+
+    /// Take before reading the row from the database.
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.epoch.load(Ordering::SeqCst))
+    }
+
+    /// Keeps `value` (as read from the database after `ticket`) unless a write began or
+    /// ended since, or one is in progress.
+    pub fn fill(&self, key: &str, value: V, ticket: Ticket) {
+        if self.map.len() >= self.capacity {
+            self.map.clear();
+        }
+        if let Entry::Vacant(slot) = self.map.entry(key.to_owned())
+            && self.writing.load(Ordering::SeqCst) == 0
+            && self.epoch.load(Ordering::SeqCst) == ticket.0
+        {
+            slot.insert(value);
+        }
+    }
+
+    /// Hold across a write of the row `key`, until the write has committed or failed.
+    pub fn write(&self, key: &str) -> WriteGuard<'_, V> {
+        self.writing.fetch_add(1, Ordering::SeqCst);
+        self.invalidate(key);
+        WriteGuard {
+            cache: self,
+            key: key.to_owned(),
+        }
+    }
+
+    fn invalidate(&self, key: &str) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.map.remove(key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// A write in progress; see [`OwnedCache::write`].
+#[derive(Debug)]
+pub struct WriteGuard<'a, V: Clone> {
+    cache: &'a OwnedCache<V>,
+    key: String,
+}
+
+impl<V: Clone> Drop for WriteGuard<'_, V> {
+    fn drop(&mut self) {
+        self.cache.invalidate(&self.key);
+        self.cache.writing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_and_hits() {
+        let cache = OwnedCache::new(10);
+        assert_eq!(cache.get("a"), None::<u32>);
+        let t = cache.ticket();
+        cache.fill("a", 1, t);
+        assert_eq!(cache.get("a"), Some(1));
+    }
+
+    #[test]
+    fn a_write_removes_the_row_and_refuses_fills_read_before_or_during_it() {
+        let cache = OwnedCache::new(10);
+        cache.fill("a", 1, cache.ticket());
+        let before = cache.ticket();
+        let guard = cache.write("a");
+        assert_eq!(cache.get("a"), None, "removed when the write begins");
+        let during = cache.ticket();
+        cache.fill("a", 1, during);
+        assert_eq!(cache.get("a"), None, "no fill while a write is in progress");
+        drop(guard);
+        cache.fill("a", 1, before);
+        cache.fill("a", 1, during);
+        assert_eq!(
+            cache.get("a"),
+            None,
+            "a row read before the write ended is stale"
+        );
+        let after = cache.ticket();
+        cache.fill("a", 2, after);
+        assert_eq!(cache.get("a"), Some(2));
+    }
+
+    #[test]
+    fn a_write_to_another_row_also_refuses_concurrent_fills() {
+        // The epoch is global: conservative, and writes of cached rows are rare.
+        let cache = OwnedCache::new(10);
+        let t = cache.ticket();
+        drop(cache.write("b"));
+        cache.fill("a", 1, t);
+        assert_eq!(cache.get("a"), None);
+    }
+
+    #[test]
+    fn stays_within_capacity() {
+        let cache = OwnedCache::new(3);
+        for i in 0..10 {
+            cache.fill(&i.to_string(), i, cache.ticket());
+            assert!(cache.len() <= 3);
+        }
+        assert_eq!(cache.get("9"), Some(9));
+    }
+
+    #[test]
+    fn racing_fills_never_outlive_a_write() {
+        // Readers fill the value they read from a "database" while writers change it; after
+        // every acknowledged write, the cache holds nothing older.
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicU64;
+        let cache = Arc::new(OwnedCache::new(10));
+        let db = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (cache, db, stop) = (cache.clone(), db.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        if cache.get("k").is_none() {
+                            let t = cache.ticket();
+                            let v = db.load(Ordering::SeqCst);
+                            std::thread::yield_now();
+                            cache.fill("k", v, t);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for v in 1..=2_000u64 {
+            {
+                let _g = cache.write("k");
+                db.store(v, Ordering::SeqCst);
+            }
+            if let Some(seen) = cache.get("k") {
+                assert_eq!(seen, v, "stale value after write {v}");
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        for r in readers {
+            r.join().expect("reader");
+        }
+    }
+}
