@@ -441,6 +441,77 @@ async fn twenty_concurrent_identical_purchases_make_one_subscription(backend: Ba
     assert_eq!(list_all(&mut w.bill, &token).await.len(), 1);
 }
 
+/// Purchases arriving together are committed together (one statement, one commit); each
+/// still gets its own outcome: new purchases succeed, twins share one subscription, a reused
+/// request_id with other fields is refused, and only one free trial goes through.
+async fn a_burst_of_mixed_purchases_gives_each_its_own_outcome(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
+    let token = w.contoso.token.clone();
+    let twins: Vec<String> = (0..8).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let reused = uuid::Uuid::new_v4().to_string();
+    let mut calls = Vec::new();
+    for (i, rid) in twins.iter().enumerate() {
+        for _ in 0..2 {
+            calls.push(("twin", i, authed(buy("office365-e3", 2, rid), &token)));
+        }
+    }
+    for i in 0..8 {
+        calls.push(("new", i, authed(buy("azure-pay-as-you-go", 0, ""), &token)));
+    }
+    for i in 0..4 {
+        let request = bpb::CreateSubscriptionRequest {
+            display_name: format!("trial {i}"),
+            ..buy("azure-free-trial", 0, &uuid::Uuid::new_v4().to_string())
+        };
+        calls.push(("trial", i, authed(request, &token)));
+    }
+    calls.push(("reused", 0, authed(buy("office365-e3", 2, &reused), &token)));
+    calls.push(("reused", 1, authed(buy("office365-e3", 3, &reused), &token)));
+    let results = futures::future::join_all(calls.into_iter().map(|(kind, i, request)| {
+        let mut bill = w.bill.clone();
+        async move { (kind, i, bill.create_subscription(request).await) }
+    }))
+    .await;
+
+    let mut twin_ids: Vec<HashSet<String>> = vec![HashSet::new(); twins.len()];
+    let (mut news, mut trials, mut trial_refusals, mut reused_ok, mut reused_refused) =
+        (0, 0, 0, 0, 0);
+    for (kind, i, result) in results {
+        match (kind, result) {
+            ("twin", Ok(s)) => {
+                twin_ids[i].insert(s.into_inner().id);
+            }
+            ("new", Ok(_)) => news += 1,
+            ("trial", Ok(_)) => trials += 1,
+            ("trial", Err(status)) => {
+                assert_eq!(details(&status).0, "FREE_TRIAL_ALREADY_USED", "{status:?}");
+                trial_refusals += 1;
+            }
+            ("reused", Ok(_)) => reused_ok += 1,
+            ("reused", Err(status)) => {
+                assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+                reused_refused += 1;
+            }
+            (kind, Err(status)) => panic!("{kind} {i} failed: {status:?}"),
+            (kind, Ok(_)) => panic!("unexpected {kind}"),
+        }
+    }
+    assert!(
+        twin_ids.iter().all(|ids| ids.len() == 1),
+        "each pair of twins shares one subscription: {twin_ids:?}"
+    );
+    assert_eq!(news, 8);
+    assert_eq!((trials, trial_refusals), (1, 3));
+    assert_eq!((reused_ok, reused_refused), (1, 1));
+    assert_eq!(
+        list_all(&mut w.bill, &token).await.len(),
+        twins.len() + 8 + 1 + 1,
+        "exactly one row per distinct purchase"
+    );
+}
+
 async fn one_free_trial_per_user_even_when_racing(backend: Backend) {
     let Some(mut w) = world(backend).await else {
         return;
@@ -1158,6 +1229,7 @@ on_both_backends!(
     bad_purchases_are_invalid_argument_with_field_violations_and_write_nothing,
     request_ids_make_purchases_idempotent,
     twenty_concurrent_identical_purchases_make_one_subscription,
+    a_burst_of_mixed_purchases_gives_each_its_own_outcome,
     one_free_trial_per_user_even_when_racing,
     visibility_owner_admin_other_user_and_other_directory,
     cancel_rules_and_idempotent_cancel,

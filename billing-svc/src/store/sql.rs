@@ -1,9 +1,12 @@
 //! [`BillingStore`] over sqlx's `Any` driver: one set of SQL for SQLite and PostgreSQL.
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 use contract::db::{Engine, WriteGate};
 use sqlx::any::AnyRow;
-use sqlx::{AnyPool, Row as _};
+use sqlx::{AnyPool, AssertSqlSafe, Row as _};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{BillingStore, StoreError};
 use crate::domain::model::{State, Subscription};
@@ -16,15 +19,34 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct SqlStore {
     pool: AnyPool,
     writers: WriteGate,
+    purchases: mpsc::Sender<Pending>,
 }
 
+/// A new subscription waiting for the next group commit.
+struct Pending {
+    subscription: Subscription,
+    request: Option<(String, String)>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Most subscriptions one statement inserts (13 parameters each, within both engines' limits).
+const MAX_BATCH: usize = 256;
+
+const SUBSCRIPTION_COLUMNS: &str = "id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
+     created_by_user_id, create_time, cancel_time, request_id, request_fingerprint, free_trial_user_id";
+
 impl SqlStore {
-    /// Wraps an open pool on `engine` and brings its schema up to date.
+    /// Wraps an open pool on `engine` and brings its schema up to date, and starts the task
+    /// that group-commits purchases (it ends when the last clone of the store is dropped).
     pub async fn new(pool: AnyPool, engine: Engine) -> anyhow::Result<Self> {
         MIGRATOR.run(&pool).await?;
+        let writers = WriteGate::for_engine(engine);
+        let (purchases, queue) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(group_commit(pool.clone(), writers.clone(), queue));
         Ok(Self {
             pool,
-            writers: WriteGate::for_engine(engine),
+            writers,
+            purchases,
         })
     }
 
@@ -58,42 +80,22 @@ fn subscription_from_row(row: &AnyRow) -> Result<Subscription, sqlx::Error> {
 
 #[async_trait]
 impl BillingStore for SqlStore {
+    /// Queued for the group-commit task: every purchase waiting when it is free goes into one
+    /// statement and one commit, and each caller hears back after that commit.
     async fn insert(
         &self,
-        s: &Subscription,
+        subscription: &Subscription,
         request: Option<(&str, &str)>,
     ) -> Result<(), StoreError> {
-        let (request_id, fingerprint) = request.unzip();
-        let free_trial_user = s.offer.free_trial.then_some(s.created_by_user_id.as_str());
-        let _turn = self.writers.enter().await;
-        sqlx::query(
-            "INSERT INTO subscriptions (id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
-             created_by_user_id, create_time, cancel_time, request_id, request_fingerprint, free_trial_user_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(&s.id)
-        .bind(s.offer.id)
-        .bind(&s.display_name)
-        .bind(&s.directory_id)
-        .bind(s.owner_user_id.as_deref())
-        .bind(i64::from(s.seats))
-        .bind(s.state.code())
-        .bind(&s.created_by_user_id)
-        .bind(s.create_time)
-        .bind(s.cancel_time)
-        .bind(request_id)
-        .bind(fingerprint)
-        .bind(free_trial_user)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| {
-            if contract::db::is_unique_violation(&e) {
-                StoreError::Conflict
-            } else {
-                StoreError::Backend(e)
-            }
-        })?;
-        Ok(())
+        let (done, outcome) = oneshot::channel();
+        let pending = Pending {
+            subscription: subscription.clone(),
+            request: request.map(|(id, fingerprint)| (id.to_owned(), fingerprint.to_owned())),
+            done,
+        };
+        let stopped = || StoreError::Backend(sqlx::Error::PoolClosed);
+        self.purchases.send(pending).await.map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
     }
 
     async fn by_request(
@@ -175,4 +177,89 @@ impl BillingStore for SqlStore {
         drop(turn);
         self.get(id).await
     }
+}
+
+/// The group-commit loop: takes whatever purchases are queued (at least one, at most
+/// [`MAX_BATCH`]), inserts them with one `INSERT ... ON CONFLICT DO NOTHING RETURNING id`
+/// (its own transaction), and tells each caller whether its row went in. A row the unique
+/// indexes refused (a request_id or free trial taken, by an earlier call or a twin in the same
+/// batch) is [`StoreError::Conflict`] for that caller only; any other failure fails the batch.
+/// Under light load a batch is one purchase and nothing waits; under heavy load one commit
+/// serves many.
+async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiver<Pending>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let outcome = {
+            let _turn = writers.enter().await;
+            insert_batch(&pool, &batch).await
+        };
+        metrics::histogram!("billing_purchase_batch_size").record(batch.len() as f64);
+        match outcome {
+            Ok(inserted) => {
+                for pending in batch.drain(..) {
+                    let result = if inserted.contains(&pending.subscription.id) {
+                        Ok(())
+                    } else {
+                        Err(StoreError::Conflict)
+                    };
+                    let _ = pending.done.send(result);
+                }
+            }
+            Err(err) => {
+                let unavailable = contract::db::is_unavailable(&err);
+                let message = err.to_string();
+                for pending in batch.drain(..) {
+                    let err = if unavailable {
+                        sqlx::Error::Io(std::io::Error::other(message.clone()))
+                    } else {
+                        sqlx::Error::Protocol(format!("the purchase batch failed: {message}"))
+                    };
+                    let _ = pending.done.send(Err(StoreError::Backend(err)));
+                }
+            }
+        }
+    }
+}
+
+/// The ids of the rows of `batch` that were inserted.
+async fn insert_batch(pool: &AnyPool, batch: &[Pending]) -> Result<HashSet<String>, sqlx::Error> {
+    let mut sql = format!("INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ");
+    for row in 0..batch.len() {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..13 {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", row * 13 + column + 1));
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for pending in batch {
+        let s = &pending.subscription;
+        let (request_id, fingerprint) = pending
+            .request
+            .as_ref()
+            .map(|(id, fingerprint)| (id.as_str(), fingerprint.as_str()))
+            .unzip();
+        query = query
+            .bind(s.id.clone())
+            .bind(s.offer.id)
+            .bind(s.display_name.clone())
+            .bind(s.directory_id.clone())
+            .bind(s.owner_user_id.clone())
+            .bind(i64::from(s.seats))
+            .bind(s.state.code())
+            .bind(s.created_by_user_id.clone())
+            .bind(s.create_time)
+            .bind(s.cancel_time)
+            .bind(request_id.map(str::to_owned))
+            .bind(fingerprint.map(str::to_owned))
+            .bind(s.offer.free_trial.then(|| s.created_by_user_id.clone()));
+    }
+    let rows = query.fetch_all(pool).await?;
+    rows.iter()
+        .map(|row| row.try_get::<String, _>("id"))
+        .collect()
 }
