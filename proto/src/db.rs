@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, ConnectOptions as _, Executor as _};
+use sqlx::{AnyPool, ConnectOptions as _, Connection as _, Executor as _};
 
 /// Which engine a database URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,9 @@ pub enum SqliteSync {
     /// fsync the WAL on every commit: survives a power cut too, at a write-latency cost.
     Full,
 }
+
+/// A pooled connection idle this long is pinged before it is used.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
 /// Pool settings.
 #[derive(Debug, Clone)]
@@ -121,10 +124,19 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<AnyPo
     AnyPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
-        // An SQLite connection lives in this process and cannot break; pinging it before each
-        // use would cost a round trip to its worker thread per statement. PostgreSQL
-        // connections are pinged, so a restart of the server costs no caller an error.
-        .test_before_acquire(engine != Engine::Sqlite)
+        // sqlx pings every connection when it returns to the pool (and closes it if that
+        // fails); pinging again before each use would cost one more round trip per statement.
+        // A connection idle for a while is pinged before use, so one a PostgreSQL restart broke
+        // while it sat in the pool is replaced instead of failing a caller.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for < IDLE_BEFORE_PING {
+                    return Ok(true);
+                }
+                Ok(conn.ping().await.is_ok())
+            })
+        })
         .after_connect(move |conn, _meta| {
             Box::pin(async move {
                 if engine == Engine::Sqlite {
