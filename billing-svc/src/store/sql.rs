@@ -41,6 +41,7 @@ impl SqlStore {
     pub async fn new(pool: AnyPool, engine: Engine) -> anyhow::Result<Self> {
         MIGRATOR.run(&pool).await?;
         let writers = WriteGate::for_engine(engine);
+        writers.checkpoint_in_background(&pool);
         let (purchases, queue) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(group_commit(pool.clone(), writers.clone(), queue));
         Ok(Self {

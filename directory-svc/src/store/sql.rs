@@ -22,10 +22,9 @@ impl SqlStore {
     /// Wraps an open pool on `engine` and brings its schema up to date.
     pub async fn new(pool: AnyPool, engine: Engine) -> anyhow::Result<Self> {
         MIGRATOR.run(&pool).await?;
-        Ok(Self {
-            pool,
-            writers: WriteGate::for_engine(engine),
-        })
+        let writers = WriteGate::for_engine(engine);
+        writers.checkpoint_in_background(&pool);
+        Ok(Self { pool, writers })
     }
 
     pub fn pool(&self) -> &AnyPool {

@@ -182,13 +182,17 @@ impl Db {
     }
 
     /// PostgreSQL plans with statistics: gather them now rather than when autovacuum does.
+    /// SQLite: fold the whole WAL into the database file (the service's background
+    /// checkpoint cannot finish while the loader keeps writing), leaving a compact file.
     async fn analyze(&self, tables: &'static str) -> anyhow::Result<()> {
-        if self.engine == Engine::Postgres {
-            sqlx::query(AssertSqlSafe(format!("ANALYZE {tables}")))
-                .execute(&self.pool)
-                .await
-                .with_context(|| format!("ANALYZE {tables}"))?;
-        }
+        let sql = match self.engine {
+            Engine::Postgres => format!("ANALYZE {tables}"),
+            Engine::Sqlite => "PRAGMA wal_checkpoint(TRUNCATE)".to_owned(),
+        };
+        sqlx::query(AssertSqlSafe(sql.clone()))
+            .execute(&self.pool)
+            .await
+            .with_context(|| sql)?;
         Ok(())
     }
 }
