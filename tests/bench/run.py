@@ -76,11 +76,21 @@ def run_backend(backend, opts):
               "--signup-per-peer-per-minute", "0"]
     directory = start("directory-svc", ["--listen", f"127.0.0.1:{dport}", "--database-url", ddb,
                                         "--db-max-connections", str(opts.pool)] + limits, log)
-    wait_port(dport)
-    billing = start("billing-svc", ["--listen", f"127.0.0.1:{bport}", "--database-url", bdb,
-                                    "--directory-url", f"http://127.0.0.1:{dport}",
-                                    "--db-max-connections", str(opts.pool)], log)
-    wait_port(bport)
+    billing = None
+    try:
+        wait_port(dport)
+        billing = start("billing-svc", ["--listen", f"127.0.0.1:{bport}", "--database-url", bdb,
+                                        "--directory-url", f"http://127.0.0.1:{dport}",
+                                        "--db-max-connections", str(opts.pool)], log)
+        wait_port(bport)
+    except BaseException:
+        for proc in (directory, billing):
+            if proc:
+                proc.kill()
+        log.close()
+        with open(os.path.join(tmp, "services.log")) as f:
+            sys.stderr.write(f.read()[-4000:])
+        raise
     time.sleep(1)
     results = {"backend": backend, "runs": [], "rss_kib": {}}
     results["rss_kib"]["idle"] = {"directory": rss_kib(directory.pid), "billing": rss_kib(billing.pid)}
