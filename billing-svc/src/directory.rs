@@ -1,5 +1,5 @@
-//! The client side of `directory.v1.DirectoryService.Authorize`: one shared channel per
-//! directory replica (lazily connected, reconnecting by itself), round-robin over the replicas
+//! The client side of `directory.v1.DirectoryService.Authorize`: shared channels to each
+//! directory replica (one HTTP/2 connection per CPU, lazily connected, reconnecting by itself), round-robin over the replicas
 //! that are not marked down, a deadline on every call (the smaller of the caller's remaining
 //! deadline and the configured directory timeout), and retries only on UNAVAILABLE, which is
 //! safe because Authorize changes nothing. A replica that fails is marked down for a moment,
@@ -31,9 +31,20 @@ const MARK_DOWN: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 struct Replica {
     url: String,
-    client: DirectoryServiceClient<Channel>,
+    /// One HTTP/2 connection per CPU: a single connection's frames are all handled by one
+    /// task under one lock, which becomes the bottleneck when every billing call makes one.
+    clients: Box<[DirectoryServiceClient<Channel>]>,
+    next_client: AtomicUsize,
     /// Until when (milliseconds since `GrpcDirectory::epoch`) this replica is passed over.
     down_until_ms: AtomicU64,
+}
+
+impl Replica {
+    /// The next of this replica's connections in turn.
+    fn client(&self) -> DirectoryServiceClient<Channel> {
+        let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        self.clients[i].clone()
+    }
 }
 
 /// directory-svc over gRPC.
@@ -70,9 +81,14 @@ impl GrpcDirectory {
                         .map_err(|e| anyhow::anyhow!("TLS towards {url}: {e}"))?,
                     None => endpoint,
                 };
+                let connections =
+                    std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
                 Ok(Replica {
                     url: url.clone(),
-                    client: DirectoryServiceClient::new(endpoint.connect_lazy()),
+                    clients: (0..connections)
+                        .map(|_| DirectoryServiceClient::new(endpoint.connect_lazy()))
+                        .collect(),
+                    next_client: AtomicUsize::new(0),
                     down_until_ms: AtomicU64::new(0),
                 })
             })
@@ -171,7 +187,7 @@ impl Authorizer for GrpcDirectory {
             let failover = self.another_is_up(replica);
             let attempt = if failover { remaining / 2 } else { remaining };
             request.set_timeout(attempt);
-            let mut client = replica.client.clone();
+            let mut client = replica.client();
             let started = Instant::now();
             let outcome = tokio::time::timeout(attempt, client.authorize(request)).await;
             let code = match &outcome {
