@@ -1,9 +1,10 @@
 //! The client side of `directory.v1.DirectoryService.Authorize`: shared channels to each
-//! directory replica (one HTTP/2 connection per CPU, lazily connected, reconnecting by itself), round-robin over the replicas
-//! that are not marked down, a deadline on every call (the smaller of the caller's remaining
-//! deadline and the configured directory timeout), and retries only on UNAVAILABLE, which is
-//! safe because Authorize changes nothing. A replica that fails is marked down for a moment,
-//! so calls go to the others at once instead of waiting on it.
+//! directory replica (one HTTP/2 connection per CPU, lazily connected, reconnecting by
+//! itself), round-robin over the replicas that are not marked down, a deadline on every call
+//! (the smaller of the caller's remaining deadline and the configured directory timeout), and
+//! retries only on UNAVAILABLE, which is safe because Authorize changes nothing. A replica
+//! that fails is marked down for a moment, so calls go to the others at once instead of
+//! waiting on it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
