@@ -14,8 +14,9 @@
 //!   acknowledged. A fill that read the old row either sees the moved epoch and gives up, or
 //!   holds the shard lock first, so the guard's removal comes after it.
 //!
-//! Writers must let their write finish even if the caller goes away (run it in a spawned
-//! task holding the guard), so the guard never drops before the commit lands.
+//! Writers must let their write finish even if the caller goes away, so the guard never drops
+//! before the commit lands: [`OwnedCache::write_through`] runs the write in its own task.
+//! [`OwnedCache::read_through`] is the reader's side.
 //!
 //! [`fill`]: OwnedCache::fill
 
@@ -74,6 +75,45 @@ impl<V: Clone> OwnedCache<V> {
             && self.epoch.load(Ordering::SeqCst) == ticket.0
         {
             slot.insert(value);
+        }
+    }
+
+    /// The row `key` from memory, or from `load` (a future not yet started: it runs after the
+    /// ticket is taken), kept if no write interfered.
+    pub async fn read_through<E>(
+        &self,
+        key: &str,
+        load: impl Future<Output = Result<Option<V>, E>>,
+    ) -> Result<Option<V>, E> {
+        if let Some(hit) = self.get(key) {
+            return Ok(Some(hit));
+        }
+        let ticket = self.ticket();
+        let found = load.await?;
+        if let Some(value) = &found {
+            self.fill(key, value.clone(), ticket);
+        }
+        Ok(found)
+    }
+
+    /// Runs `write` (a write of the row `key`) to completion in its own task, holding the
+    /// write guard until it has committed or failed, even if the caller stops waiting.
+    pub async fn write_through<T: Send + 'static>(
+        self: &std::sync::Arc<Self>,
+        key: &str,
+        write: impl Future<Output = T> + Send + 'static,
+    ) -> T
+    where
+        V: Send + Sync + 'static,
+    {
+        let (cache, key) = (self.clone(), key.to_owned());
+        let task = tokio::spawn(async move {
+            let _writing = cache.write(&key);
+            write.await
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
         }
     }
 

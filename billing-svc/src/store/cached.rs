@@ -48,15 +48,9 @@ impl BillingStore for CachedStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
-        if let Some(hit) = self.subscriptions.get(id) {
-            return Ok(Some(hit));
-        }
-        let ticket = self.subscriptions.ticket();
-        let found = self.inner.get(id).await?;
-        if let Some(subscription) = &found {
-            self.subscriptions.fill(id, subscription.clone(), ticket);
-        }
-        Ok(found)
+        self.subscriptions
+            .read_through(id, self.inner.get(id))
+            .await
     }
 
     async fn list(
@@ -69,21 +63,11 @@ impl BillingStore for CachedStore {
         self.inner.list(directory_id, owner, after, limit).await
     }
 
-    /// Runs to completion in its own task, holding the write guard until the update has
-    /// committed or failed, even if the caller stops waiting.
+    /// Runs to completion even if the caller stops waiting (see `OwnedCache::write_through`).
     async fn cancel(&self, id: &str, now: i64) -> Result<Option<Subscription>, StoreError> {
-        let (inner, subscriptions, id) = (
-            self.inner.clone(),
-            self.subscriptions.clone(),
-            id.to_owned(),
-        );
-        let task = tokio::spawn(async move {
-            let _writing = subscriptions.write(&id);
-            inner.cancel(&id, now).await
-        });
-        match task.await {
-            Ok(result) => result,
-            Err(err) => std::panic::resume_unwind(err.into_panic()),
-        }
+        let (inner, key) = (self.inner.clone(), id.to_owned());
+        self.subscriptions
+            .write_through(id, async move { inner.cancel(&key, now).await })
+            .await
     }
 }

@@ -32,24 +32,6 @@ impl CachedStore {
             directories: OwnedCache::new(entries),
         }
     }
-
-    /// Runs a write of user `user_id` to completion in its own task, holding the cache's
-    /// write guard until it has committed or failed, even if the caller stops waiting.
-    async fn write_user<T: Send + 'static>(
-        &self,
-        user_id: &str,
-        write: impl Future<Output = Result<T, StoreError>> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let (users, key) = (self.users.clone(), user_id.to_owned());
-        let task = tokio::spawn(async move {
-            let _writing = users.write(&key);
-            write.await
-        });
-        match task.await {
-            Ok(result) => result,
-            Err(err) => std::panic::resume_unwind(err.into_panic()),
-        }
-    }
 }
 
 #[async_trait]
@@ -66,27 +48,13 @@ impl DirectoryStore for CachedStore {
     }
 
     async fn directory(&self, id: &str) -> Result<Option<Directory>, StoreError> {
-        if let Some(hit) = self.directories.get(id) {
-            return Ok(Some(hit));
-        }
-        let ticket = self.directories.ticket();
-        let found = self.inner.directory(id).await?;
-        if let Some(directory) = &found {
-            self.directories.fill(id, directory.clone(), ticket);
-        }
-        Ok(found)
+        self.directories
+            .read_through(id, self.inner.directory(id))
+            .await
     }
 
     async fn user(&self, id: &str) -> Result<Option<User>, StoreError> {
-        if let Some(hit) = self.users.get(id) {
-            return Ok(Some(hit));
-        }
-        let ticket = self.users.ticket();
-        let found = self.inner.user(id).await?;
-        if let Some(user) = &found {
-            self.users.fill(id, user.clone(), ticket);
-        }
-        Ok(found)
+        self.users.read_through(id, self.inner.user(id)).await
     }
 
     async fn user_by_upn(&self, upn_key: &str) -> Result<Option<User>, StoreError> {
@@ -131,10 +99,11 @@ impl DirectoryStore for CachedStore {
             user_id.to_owned(),
             actor.clone(),
         );
-        self.write_user(user_id, async move {
-            inner.set_roles(&directory_id, &id, roles, &actor).await
-        })
-        .await
+        self.users
+            .write_through(user_id, async move {
+                inner.set_roles(&directory_id, &id, roles, &actor).await
+            })
+            .await
     }
 
     async fn delete_user(
@@ -150,11 +119,12 @@ impl DirectoryStore for CachedStore {
             user_id.to_owned(),
             actor.clone(),
         );
-        self.write_user(user_id, async move {
-            inner
-                .delete_user(&directory_id, &id, only_without_roles, &actor)
-                .await
-        })
-        .await
+        self.users
+            .write_through(user_id, async move {
+                inner
+                    .delete_user(&directory_id, &id, only_without_roles, &actor)
+                    .await
+            })
+            .await
     }
 }
