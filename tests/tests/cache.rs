@@ -19,23 +19,59 @@ type Dir = dpb::directory_service_client::DirectoryServiceClient<Channel>;
 const ROUNDS: usize = 60;
 const READERS: usize = 6;
 
-/// Calls `read` in a loop on `READERS` tasks until `stop`; counts the calls made.
-fn hammer<F, Fut>(stop: &Arc<AtomicBool>, calls: &Arc<AtomicU64>, read: F) -> Vec<JoinHandle<()>>
-where
-    F: Fn() -> Fut + Send + Sync + Clone + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    (0..READERS)
-        .map(|_| {
-            let (stop, calls, read) = (stop.clone(), calls.clone(), read.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::SeqCst) {
-                    read().await;
-                    calls.fetch_add(1, Ordering::SeqCst);
-                }
+/// `READERS` tasks calling a read in a loop until stopped.
+struct Readers {
+    stop: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Readers {
+    fn start<F, Fut>(read: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + Clone + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicU64::new(0));
+        let tasks = (0..READERS)
+            .map(|_| {
+                let (stop, calls, read) = (stop.clone(), calls.clone(), read.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        read().await;
+                        calls.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
             })
-        })
-        .collect()
+            .collect();
+        Self { stop, calls, tasks }
+    }
+
+    /// Waits until the readers have made a few calls (and so filled the cache).
+    async fn running(&self) {
+        while self.calls.load(Ordering::SeqCst) < 5 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Stops the readers; the number of calls they made.
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            task.await.expect("reader");
+        }
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+fn get_subscription(id: &str, token: &str) -> tonic::Request<bpb::GetSubscriptionRequest> {
+    authed(
+        bpb::GetSubscriptionRequest {
+            subscription_id: id.to_owned(),
+        },
+        token,
+    )
 }
 
 async fn authorize(dir: &mut Dir, token: &str) -> Result<dpb::AuthorizeResponse, tonic::Status> {
@@ -56,9 +92,7 @@ async fn role_changes_apply_to_the_next_call_under_concurrent_reads(backend: Bac
     let tenant = sign_up(&mut dir, "fabrikam").await;
     let (buyer, token) = add_user(&mut dir, &tenant, "buyer", &[]).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let readers = hammer(&stop, &calls, {
+    let readers = Readers::start({
         let (channel, token) = (server.channel().await, token.clone());
         move || {
             let (mut dir, token) = (Dir::new(channel.clone()), token.clone());
@@ -99,12 +133,8 @@ async fn role_changes_apply_to_the_next_call_under_concurrent_reads(backend: Bac
             .into_inner();
         assert_eq!(me.user.expect("user").roles, roles, "round {round}");
     }
-    stop.store(true, Ordering::SeqCst);
-    for r in readers {
-        r.await.expect("reader");
-    }
     assert!(
-        calls.load(Ordering::SeqCst) > ROUNDS as u64,
+        readers.stop().await > ROUNDS as u64,
         "the readers must overlap the writes"
     );
 }
@@ -120,9 +150,7 @@ async fn a_deleted_users_token_fails_at_once_under_concurrent_reads(backend: Bac
         authorize(&mut dir, &token)
             .await
             .expect("a live user's token");
-        let stop = Arc::new(AtomicBool::new(false));
-        let calls = Arc::new(AtomicU64::new(0));
-        let readers = hammer(&stop, &calls, {
+        let readers = Readers::start({
             let (channel, token) = (server.channel().await, token.clone());
             move || {
                 let (mut dir, token) = (Dir::new(channel.clone()), token.clone());
@@ -132,9 +160,7 @@ async fn a_deleted_users_token_fails_at_once_under_concurrent_reads(backend: Bac
                 }
             }
         });
-        while calls.load(Ordering::SeqCst) < 5 {
-            tokio::task::yield_now().await;
-        }
+        readers.running().await;
         dir.delete_user(authed(
             dpb::DeleteUserRequest {
                 user_id: user.id.clone(),
@@ -147,10 +173,7 @@ async fn a_deleted_users_token_fails_at_once_under_concurrent_reads(backend: Bac
             .await
             .expect_err("a deleted user's token stops working at once");
         assert_eq!(err.code(), Code::Unauthenticated, "round {round}: {err:?}");
-        stop.store(true, Ordering::SeqCst);
-        for r in readers {
-            r.await.expect("reader");
-        }
+        readers.stop().await;
         let err = authorize(&mut dir, &token)
             .await
             .expect_err("still refused");
@@ -181,9 +204,7 @@ async fn a_cancellation_applies_to_the_next_read_under_concurrent_reads(backend:
             .await
             .expect("purchase")
             .into_inner();
-        let stop = Arc::new(AtomicBool::new(false));
-        let calls = Arc::new(AtomicU64::new(0));
-        let readers = hammer(&stop, &calls, {
+        let readers = Readers::start({
             let (channel, token, id) = (
                 billing.channel().await,
                 tenant.token.clone(),
@@ -191,20 +212,13 @@ async fn a_cancellation_applies_to_the_next_read_under_concurrent_reads(backend:
             );
             move || {
                 let mut bill = BillingServiceClient::new(channel.clone());
-                let request = authed(
-                    bpb::GetSubscriptionRequest {
-                        subscription_id: id.clone(),
-                    },
-                    &token,
-                );
+                let request = get_subscription(&id, &token);
                 async move {
                     bill.get_subscription(request).await.expect("reader gets");
                 }
             }
         });
-        while calls.load(Ordering::SeqCst) < 5 {
-            tokio::task::yield_now().await;
-        }
+        readers.running().await;
         let cancelled = bill
             .cancel_subscription(authed(
                 bpb::CancelSubscriptionRequest {
@@ -217,12 +231,7 @@ async fn a_cancellation_applies_to_the_next_read_under_concurrent_reads(backend:
             .into_inner();
         assert_eq!(cancelled.state, bpb::SubscriptionState::Cancelled as i32);
         let read = bill
-            .get_subscription(authed(
-                bpb::GetSubscriptionRequest {
-                    subscription_id: bought.id.clone(),
-                },
-                &tenant.token,
-            ))
+            .get_subscription(get_subscription(&bought.id, &tenant.token))
             .await
             .expect("get")
             .into_inner();
@@ -232,10 +241,7 @@ async fn a_cancellation_applies_to_the_next_read_under_concurrent_reads(backend:
             "round {round}: GetSubscription returned the subscription as it was before the acknowledged cancellation"
         );
         assert_eq!(read.cancel_time, cancelled.cancel_time);
-        stop.store(true, Ordering::SeqCst);
-        for r in readers {
-            r.await.expect("reader");
-        }
+        readers.stop().await;
     }
 }
 
