@@ -324,6 +324,17 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
     )
 }
 
+/// A stand-in for `err` to give each of several callers whose work shared one failed
+/// statement: it keeps whether the database was unavailable (and the message), which is all
+/// a caller acts on.
+pub fn copy_error(err: &sqlx::Error) -> sqlx::Error {
+    if is_unavailable(err) {
+        sqlx::Error::Io(std::io::Error::other(err.to_string()))
+    } else {
+        sqlx::Error::Protocol(format!("a shared statement failed: {err}"))
+    }
+}
+
 /// Whether `err` is a unique-constraint violation (on either engine).
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())

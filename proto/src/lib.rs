@@ -9,11 +9,13 @@
 //!   `BadRequest`, and the server plumbing (health, reflection, per-RPC spans, shutdown).
 //! - [`db`]: opening the service's own database (embedded SQLite or PostgreSQL) with the same
 //!   code path, and persisted secrets.
+//! - [`batch`]: point reads by key that wait at the same time share one query.
 //! - [`cache`]: the exactly invalidated read cache a process may keep of an SQLite file it
 //!   owns.
 //!
 //! This crate holds no business rule of either service: those live in each service's domain.
 
+pub mod batch;
 pub mod cache;
 pub mod db;
 pub mod fields;

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 
 use async_trait::async_trait;
+use contract::batch::PointReads;
 use contract::db::{Engine, WriteGate};
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, AssertSqlSafe, Row as _};
@@ -20,6 +21,8 @@ pub struct SqlStore {
     pool: AnyPool,
     writers: WriteGate,
     purchases: mpsc::Sender<Pending>,
+    /// Subscriptions by id (GetSubscription), coalesced.
+    reads: PointReads<Subscription>,
 }
 
 /// A new subscription waiting for the next group commit.
@@ -44,10 +47,15 @@ impl SqlStore {
         writers.checkpoint_in_background(&pool);
         let (purchases, queue) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(group_commit(pool.clone(), writers.clone(), queue));
+        let reads = PointReads::start(contract::batch::workers_for(&pool), {
+            let pool = pool.clone();
+            move |ids| subscriptions_by_id(pool.clone(), ids)
+        });
         Ok(Self {
             pool,
             writers,
             purchases,
+            reads,
         })
     }
 
@@ -58,6 +66,22 @@ impl SqlStore {
 
 fn corrupt(what: String) -> sqlx::Error {
     sqlx::Error::Decode(what.into())
+}
+
+/// The subscriptions among `ids` (distinct, at most [`contract::batch::MAX_KEYS`]), in one
+/// query.
+async fn subscriptions_by_id(
+    pool: AnyPool,
+    ids: Vec<String>,
+) -> Result<Vec<(String, Subscription)>, sqlx::Error> {
+    let head = "SELECT id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
+         created_by_user_id, create_time, cancel_time FROM subscriptions WHERE id IN";
+    contract::batch::select_in(head, ids)
+        .fetch_all(&pool)
+        .await?
+        .iter()
+        .map(|row| subscription_from_row(row).map(|s| (s.id.clone(), s)))
+        .collect()
 }
 
 fn subscription_from_row(row: &AnyRow) -> Result<Subscription, sqlx::Error> {
@@ -126,14 +150,7 @@ impl BillingStore for SqlStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, offer_id, display_name, directory_id, owner_user_id, seats, state, created_by_user_id, \
-             create_time, cancel_time FROM subscriptions WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(subscription_from_row).transpose()?)
+        Ok(self.reads.get(id).await?)
     }
 
     async fn list(
@@ -207,14 +224,8 @@ async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiv
                 }
             }
             Err(err) => {
-                let unavailable = contract::db::is_unavailable(&err);
-                let message = err.to_string();
                 for pending in batch.drain(..) {
-                    let err = if unavailable {
-                        sqlx::Error::Io(std::io::Error::other(message.clone()))
-                    } else {
-                        sqlx::Error::Protocol(format!("the purchase batch failed: {message}"))
-                    };
+                    let err = contract::db::copy_error(&err);
                     let _ = pending.done.send(Err(StoreError::Backend(err)));
                 }
             }

@@ -1,6 +1,7 @@
 //! [`DirectoryStore`] over sqlx's `Any` driver: one set of SQL for SQLite and PostgreSQL.
 
 use async_trait::async_trait;
+use contract::batch::PointReads;
 use contract::db::{Engine, WriteGate};
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row as _};
@@ -16,7 +17,11 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct SqlStore {
     pool: AnyPool,
     writers: WriteGate,
+    /// Users by id, the read every authenticated call makes, coalesced.
+    users: PointReads<User>,
 }
+
+const USER_COLUMNS: &str = "id, directory_id, upn, display_name, roles, create_time";
 
 impl SqlStore {
     /// Wraps an open pool on `engine` and brings its schema up to date.
@@ -24,12 +29,31 @@ impl SqlStore {
         MIGRATOR.run(&pool).await?;
         let writers = WriteGate::for_engine(engine);
         writers.checkpoint_in_background(&pool);
-        Ok(Self { pool, writers })
+        let users = PointReads::start(contract::batch::workers_for(&pool), {
+            let pool = pool.clone();
+            move |ids| users_by_id(pool.clone(), ids)
+        });
+        Ok(Self {
+            pool,
+            writers,
+            users,
+        })
     }
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
+}
+
+/// The users among `ids` (distinct, at most [`contract::batch::MAX_KEYS`]), in one query.
+async fn users_by_id(pool: AnyPool, ids: Vec<String>) -> Result<Vec<(String, User)>, sqlx::Error> {
+    let head = format!("SELECT {USER_COLUMNS} FROM users WHERE id IN");
+    contract::batch::select_in(&head, ids)
+        .fetch_all(&pool)
+        .await?
+        .iter()
+        .map(|row| user_from_row(row).map(|user| (user.id.clone(), user)))
+        .collect()
 }
 
 fn user_from_row(row: &AnyRow) -> Result<User, sqlx::Error> {
@@ -142,13 +166,7 @@ impl DirectoryStore for SqlStore {
     }
 
     async fn user(&self, id: &str) -> Result<Option<User>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, directory_id, upn, display_name, roles, create_time FROM users WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(user_from_row).transpose()?)
+        Ok(self.users.get(id).await?)
     }
 
     async fn user_by_upn(&self, upn_key: &str) -> Result<Option<User>, StoreError> {
