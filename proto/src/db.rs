@@ -43,7 +43,7 @@ pub enum SqliteSync {
 }
 
 /// A pooled connection idle this long is pinged before it is used.
-const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
 /// Pool settings.
 #[derive(Debug, Clone)]
@@ -318,10 +318,15 @@ pub async fn secret(pool: &AnyPool, name: &str) -> anyhow::Result<Vec<u8>> {
 /// Whether `err` means the database cannot be reached right now (the caller may retry), as
 /// opposed to a failure of the statement itself.
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
-    matches!(
-        err,
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
-    )
+    match err {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
+        // PostgreSQL's SQLSTATE classes 08 (connection exception) and 57P (the server is
+        // shutting down, restarting, or terminated this backend).
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
+    }
 }
 
 /// A stand-in for `err` to give each of several callers whose work shared one failed

@@ -6,6 +6,7 @@
 use integration_tests::contract::billing::v1 as bpb;
 use integration_tests::contract::directory::v1 as dpb;
 use integration_tests::*;
+use sqlx::Connection as _;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -195,3 +196,49 @@ on_both_backends!(
     concurrent_authorize_calls_each_get_their_own_user,
     concurrent_subscription_reads_each_get_their_own_row,
 );
+
+/// The coalesced reads keep their connections between queries: when PostgreSQL drops them
+/// (a restart, a failover, an administrator terminating backends), the next reads must not
+/// fail for it.
+#[tokio::test]
+async fn reads_survive_the_database_dropping_their_connections() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let server = DirectoryServer::start(&db).await;
+    let mut dir = server.client().await;
+    let tenant = sign_up(&mut dir, "proseware").await;
+    let authorize = async |dir: &mut Dir| {
+        dir.authorize(authed(
+            dpb::AuthorizeRequest {
+                action: dpb::Action::PurchaseSubscription as i32,
+            },
+            &tenant.token,
+        ))
+        .await
+        .map(|r| r.into_inner().allowed)
+    };
+    assert!(authorize(&mut dir).await.expect("before"));
+
+    let name = db.url.rsplit('/').next().expect("database name").to_owned();
+    let mut admin = sqlx::PgConnection::connect(&postgres_admin_url())
+        .await
+        .expect("admin connection");
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate the service's connections");
+    assert!(!terminated.is_empty(), "the service holds connections");
+
+    for call in 0..5 {
+        let allowed = authorize(&mut dir)
+            .await
+            .unwrap_or_else(|err| panic!("call {call} after the connections dropped: {err:?}"));
+        assert!(allowed);
+    }
+    server.stop().await;
+}

@@ -35,6 +35,10 @@ struct Pending {
 /// Most subscriptions one statement inserts (13 parameters each, within both engines' limits).
 const MAX_BATCH: usize = 256;
 
+/// The columns a [`Subscription`] is read from.
+const SELECT_COLUMNS: &str = "id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
+     created_by_user_id, create_time, cancel_time";
+
 const SUBSCRIPTION_COLUMNS: &str = "id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
      created_by_user_id, create_time, cancel_time, request_id, request_fingerprint, free_trial_user_id";
 
@@ -47,10 +51,12 @@ impl SqlStore {
         writers.checkpoint_in_background(&pool);
         let (purchases, queue) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(group_commit(pool.clone(), writers.clone(), queue));
-        let reads = PointReads::start(contract::batch::workers_for(&pool), {
-            let pool = pool.clone();
-            move |ids| subscriptions_by_id(pool.clone(), ids)
-        });
+        let reads = PointReads::start(
+            pool.clone(),
+            contract::batch::workers_for(&pool),
+            format!("SELECT {SELECT_COLUMNS} FROM subscriptions WHERE id IN"),
+            |row| subscription_from_row(row).map(|s| (s.id.clone(), s)),
+        );
         Ok(Self {
             pool,
             writers,
@@ -66,22 +72,6 @@ impl SqlStore {
 
 fn corrupt(what: String) -> sqlx::Error {
     sqlx::Error::Decode(what.into())
-}
-
-/// The subscriptions among `ids` (distinct, at most [`contract::batch::MAX_KEYS`]), in one
-/// query.
-async fn subscriptions_by_id(
-    pool: AnyPool,
-    ids: Vec<String>,
-) -> Result<Vec<(String, Subscription)>, sqlx::Error> {
-    let head = "SELECT id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
-         created_by_user_id, create_time, cancel_time FROM subscriptions WHERE id IN";
-    contract::batch::select_in(head, ids)
-        .fetch_all(&pool)
-        .await?
-        .iter()
-        .map(|row| subscription_from_row(row).map(|s| (s.id.clone(), s)))
-        .collect()
 }
 
 fn subscription_from_row(row: &AnyRow) -> Result<Subscription, sqlx::Error> {

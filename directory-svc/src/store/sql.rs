@@ -29,10 +29,12 @@ impl SqlStore {
         MIGRATOR.run(&pool).await?;
         let writers = WriteGate::for_engine(engine);
         writers.checkpoint_in_background(&pool);
-        let users = PointReads::start(contract::batch::workers_for(&pool), {
-            let pool = pool.clone();
-            move |ids| users_by_id(pool.clone(), ids)
-        });
+        let users = PointReads::start(
+            pool.clone(),
+            contract::batch::workers_for(&pool),
+            format!("SELECT {USER_COLUMNS} FROM users WHERE id IN"),
+            |row| user_from_row(row).map(|user| (user.id.clone(), user)),
+        );
         Ok(Self {
             pool,
             writers,
@@ -43,17 +45,6 @@ impl SqlStore {
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
-}
-
-/// The users among `ids` (distinct, at most [`contract::batch::MAX_KEYS`]), in one query.
-async fn users_by_id(pool: AnyPool, ids: Vec<String>) -> Result<Vec<(String, User)>, sqlx::Error> {
-    let head = format!("SELECT {USER_COLUMNS} FROM users WHERE id IN");
-    contract::batch::select_in(&head, ids)
-        .fetch_all(&pool)
-        .await?
-        .iter()
-        .map(|row| user_from_row(row).map(|user| (user.id.clone(), user)))
-        .collect()
 }
 
 fn user_from_row(row: &AnyRow) -> Result<User, sqlx::Error> {
