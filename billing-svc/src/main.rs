@@ -3,6 +3,10 @@ use billing_svc::{Application, Config};
 use clap::Parser as _;
 use contract::launch::{Launch, run};
 
+/// jemalloc: per-thread caches without glibc's arena locks (see the workspace Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -3,6 +3,10 @@ use contract::launch::{Launch, run};
 use directory_svc::config::{Cli, LogFormat};
 use directory_svc::{Application, Config};
 
+/// jemalloc: per-thread caches without glibc's arena locks (see the workspace Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
