@@ -181,8 +181,11 @@ impl Service {
         }
         // Insert first: the unique index on (creator, request_id) finds a retry (or a
         // concurrent twin) in the same statement, so a new purchase costs one write and no read.
+        // A time-ordered (version 7) id: new rows go to the end of the primary-key index
+        // instead of a random page of it, so a commit writes far fewer pages (WAL on both
+        // engines, full-page images on PostgreSQL). 74 of its bits are still random.
         let subscription = Subscription {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: uuid::Uuid::now_v7().to_string(),
             offer: new.offer,
             display_name: new.display_name,
             directory_id: caller.directory_id.clone(),
