@@ -83,10 +83,11 @@ impl WriteGate {
     /// SQLite's automatic checkpoint runs inside the commit that crosses 1,000 WAL pages, so
     /// that commit, and every write queued behind it, waits while megabytes of pages are
     /// copied. Here, every [`CHECKPOINT_EVERY`], a PASSIVE checkpoint copies the WAL without
-    /// blocking anyone; then, holding the writers' turn for a moment, a second one copies the
-    /// few pages written meanwhile. The checkpoint is then complete, so the next write starts
-    /// the WAL over and it stays small (a checkpoint that writers keep overtaking never
-    /// completes, and the WAL would grow without bound).
+    /// blocking anyone. Once the WAL is [`RESTART_WAL_AT_FRAMES`] long, the database file is
+    /// synced (still without blocking anyone), then, holding the writers' turn for a moment, a
+    /// second checkpoint copies and syncs the few pages written meanwhile. The checkpoint is
+    /// then complete, so the next write starts the WAL over and it stays small (a checkpoint
+    /// that writers keep overtaking never completes, and the WAL would grow without bound).
     pub fn checkpoint_in_background(&self, pool: &AnyPool) {
         if self.0.is_some() {
             tokio::spawn(checkpoint_wal(pool.clone(), self.clone()));
@@ -105,25 +106,70 @@ impl WriteGate {
 /// How often the SQLite WAL is copied back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
+/// The WAL length (in pages, 4 MiB of 4 KiB pages) from which the checkpointer holds the
+/// writers back for a moment so that the WAL starts over; shorter, it just keeps growing.
+const RESTART_WAL_AT_FRAMES: i64 = 1024;
+
 async fn checkpoint_wal(pool: AnyPool, writers: WriteGate) {
     let mut every = tokio::time::interval(CHECKPOINT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let checkpoint = async |pool: &AnyPool| {
-        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(pool)
-            .await
+    // The WAL's length in frames, as the checkpoint left it.
+    let checkpoint = async |pool: &AnyPool, phase: &'static str| {
+        let started = std::time::Instant::now();
+        let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(pool)
+            .await;
+        metrics::histogram!("sqlite_checkpoint_seconds", "phase" => phase)
+            .record(started.elapsed().as_secs_f64());
+        done.map(|(_busy, frames, _copied)| frames)
     };
+    let database = database_file(&pool).await;
     while !pool.is_closed() {
         every.tick().await;
-        let mut done = checkpoint(&pool).await;
+        let mut done = match checkpoint(&pool, "passive").await {
+            // Short enough: let it grow rather than make the writers wait.
+            Ok(frames) if frames < RESTART_WAL_AT_FRAMES => continue,
+            other => other.map(drop),
+        };
+        if done.is_ok()
+            && let Some(file) = &database
+        {
+            // A checkpoint that completes syncs the database file. Sync what this one wrote
+            // now, before the writers wait, so the second one only syncs its few pages.
+            let file = file.clone();
+            done = tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .unwrap_or_else(|join| Err(std::io::Error::other(join)))
+                .map_err(sqlx::Error::Io);
+        }
         if done.is_ok() {
             let _turn = writers.enter().await;
-            done = checkpoint(&pool).await;
+            done = checkpoint(&pool, "gated").await.map(drop);
         }
         if let Err(err) = done
             && !pool.is_closed()
         {
             tracing::warn!(error = %err, "WAL checkpoint failed");
+        }
+    }
+}
+
+/// The main database file of the SQLite pool, opened for syncing (`None` if it cannot be).
+async fn database_file(pool: &AnyPool) -> Option<std::sync::Arc<std::fs::File>> {
+    let rows = sqlx::query("PRAGMA database_list")
+        .fetch_all(pool)
+        .await
+        .ok()?;
+    let path: String = rows.iter().find_map(|row| {
+        use sqlx::Row as _;
+        let name: String = row.try_get("name").ok()?;
+        (name == "main").then(|| row.try_get("file").ok()).flatten()
+    })?;
+    match std::fs::File::open(&path) {
+        Ok(file) => Some(std::sync::Arc::new(file)),
+        Err(err) => {
+            tracing::warn!(error = %err, path, "cannot open the database file to sync it");
+            None
         }
     }
 }
