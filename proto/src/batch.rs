@@ -65,13 +65,13 @@ impl<V> std::fmt::Debug for PointReads<V> {
 pub type RowReader<V> = fn(&AnyRow) -> Result<(String, V), sqlx::Error>;
 
 impl<V: Clone + Send + 'static> PointReads<V> {
-    /// Starts `workers` tasks answering reads on `pool` with `{head} ($1, ...)` (see
-    /// [`select_in`]) and `row` for each result row.
-    pub fn start(pool: AnyPool, workers: usize, head: String, row: RowReader<V>) -> Self {
+    /// Starts the workers (two, fewer on a small pool) answering reads on `pool` with
+    /// `{head} ($1, ...)` (see [`select_in`]) and `row` for each result row.
+    pub fn start(pool: AnyPool, head: String, row: RowReader<V>) -> Self {
         let (queue, waiting) = mpsc::channel(QUEUE);
         let waiting = Arc::new(Mutex::new(waiting));
         let head: Arc<str> = head.into();
-        for _ in 0..workers.max(1) {
+        for _ in 0..workers_for(&pool) {
             tokio::spawn(work(waiting.clone(), pool.clone(), head.clone(), row));
         }
         Self { queue }
@@ -228,7 +228,7 @@ pub fn select_in(
 /// repository's 2-core benchmark machine, with PostgreSQL local, one worker coalesced about
 /// eight reads per query at concurrency 64 and two or four about six.) Never more than a
 /// quarter of the pool, so writes always find connections.
-pub fn workers_for(pool: &AnyPool) -> usize {
+fn workers_for(pool: &AnyPool) -> usize {
     (pool.options().get_max_connections() as usize / 4).clamp(1, 2)
 }
 
@@ -277,7 +277,6 @@ mod tests {
         let (pool, dir) = table_of(40).await;
         let reads = PointReads::start(
             pool.clone(),
-            2,
             "SELECT id, v FROM t WHERE id IN".into(),
             value,
         );
@@ -308,7 +307,6 @@ mod tests {
         let (pool, dir) = table_of(1).await;
         let broken = PointReads::start(
             pool.clone(),
-            1,
             "SELECT id, v FROM nowhere WHERE id IN".into(),
             value,
         );
@@ -319,7 +317,6 @@ mod tests {
 
         let reads = PointReads::start(
             pool.clone(),
-            1,
             "SELECT id, v FROM t WHERE id IN".into(),
             value,
         );

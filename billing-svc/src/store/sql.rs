@@ -53,7 +53,6 @@ impl SqlStore {
         tokio::spawn(group_commit(pool.clone(), writers.clone(), queue));
         let reads = PointReads::start(
             pool.clone(),
-            contract::batch::workers_for(&pool),
             format!("SELECT {SELECT_COLUMNS} FROM subscriptions WHERE id IN"),
             |row| subscription_from_row(row).map(|s| (s.id.clone(), s)),
         );

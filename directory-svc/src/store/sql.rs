@@ -31,7 +31,6 @@ impl SqlStore {
         writers.checkpoint_in_background(&pool);
         let users = PointReads::start(
             pool.clone(),
-            contract::batch::workers_for(&pool),
             format!("SELECT {USER_COLUMNS} FROM users WHERE id IN"),
             |row| user_from_row(row).map(|user| (user.id.clone(), user)),
         );
