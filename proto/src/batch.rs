@@ -66,13 +66,13 @@ pub type RowReader<V> = fn(&AnyRow) -> Result<(String, V), sqlx::Error>;
 
 impl<V: Clone + Send + 'static> PointReads<V> {
     /// Starts the workers (two, fewer on a small pool) answering reads on `pool` with
-    /// `{head} ($1, ...)` (see [`select_in`]) and `row` for each result row.
+    /// `{head} ($1, ...)` (see [`Statements`]) and `row` for each result row.
     pub fn start(pool: AnyPool, head: String, row: RowReader<V>) -> Self {
         let (queue, waiting) = mpsc::channel(QUEUE);
         let waiting = Arc::new(Mutex::new(waiting));
-        let head: Arc<str> = head.into();
+        let statements = Arc::new(Statements::new(&head));
         for _ in 0..workers_for(&pool) {
-            tokio::spawn(work(waiting.clone(), pool.clone(), head.clone(), row));
+            tokio::spawn(work(waiting.clone(), pool.clone(), statements.clone(), row));
         }
         Self { queue }
     }
@@ -96,7 +96,7 @@ impl<V: Clone + Send + 'static> PointReads<V> {
 async fn work<V: Clone>(
     waiting: Arc<Mutex<mpsc::Receiver<Waiting<V>>>>,
     pool: AnyPool,
-    head: Arc<str>,
+    statements: Arc<Statements>,
     row: RowReader<V>,
 ) {
     let mut batch = Vec::with_capacity(MAX_KEYS);
@@ -127,7 +127,7 @@ async fn work<V: Clone>(
         keys.sort_unstable();
         keys.dedup();
         metrics::histogram!("db_point_read_batch_size").record(batch.len() as f64);
-        match read(&pool, &mut held, &head, row, keys).await {
+        match read(&pool, &mut held, &statements, row, &keys).await {
             Ok(rows) => {
                 let found: HashMap<String, V> = rows.into_iter().collect();
                 for w in batch.drain(..) {
@@ -152,9 +152,9 @@ async fn work<V: Clone>(
 async fn read<V>(
     pool: &AnyPool,
     held: &mut Option<(PoolConnection<Any>, Instant)>,
-    head: &str,
+    statements: &Statements,
     row: RowReader<V>,
-    keys: Vec<String>,
+    keys: &[String],
 ) -> Result<Vec<(String, V)>, sqlx::Error> {
     if let Some((conn, used)) = held
         && used.elapsed() >= crate::db::IDLE_BEFORE_PING
@@ -169,7 +169,7 @@ async fn read<V>(
             None if retried => held.insert((live_connection(pool).await?, Instant::now())),
             None => held.insert((pool.acquire().await?, Instant::now())),
         };
-        match select_in(head, keys.clone()).fetch_all(&mut **conn).await {
+        match statements.query(keys).fetch_all(&mut **conn).await {
             Ok(rows) => {
                 *used = Instant::now();
                 return rows.iter().map(row).collect();
@@ -200,27 +200,51 @@ async fn live_connection(pool: &AnyPool) -> Result<PoolConnection<Any>, sqlx::Er
     Err(failure)
 }
 
-/// `{head} ($1, $2, ...)` with `keys` bound, padded to a power of two by repeating the last
-/// key: queries take one of a handful of shapes (1, 2, 4 ... [`MAX_KEYS`] keys), so each
-/// connection prepares at most seven statements. `head` is SQL text of the caller's (never
-/// input), ending in `IN`.
-pub fn select_in(
-    head: &str,
-    mut keys: Vec<String>,
-) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
-    let size = keys.len().max(1).next_power_of_two();
-    if let Some(last) = keys.last().cloned() {
-        keys.resize(size, last);
+/// The statements of one kind of point read, `{head} ($1, ..., $n)` for n = 1, 2, 4 ...
+/// [`MAX_KEYS`], written once: queries take one of these seven shapes, so each connection
+/// prepares at most seven statements. `head` is SQL text of the caller's (never input),
+/// ending in `IN`.
+struct Statements {
+    head: String,
+    by_size: Vec<Arc<str>>,
+}
+
+impl Statements {
+    fn new(head: &str) -> Self {
+        let by_size = (0..=MAX_KEYS.ilog2())
+            .map(|power| Self::text(head, 1 << power).into())
+            .collect();
+        Self {
+            head: head.to_owned(),
+            by_size,
+        }
     }
-    let placeholders = (1..=keys.len())
-        .map(|n| format!("${n}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("{head} ({placeholders})")));
-    for key in keys {
-        query = query.bind(key);
+
+    fn text(head: &str, size: usize) -> String {
+        let placeholders = (1..=size)
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("{head} ({placeholders})")
     }
-    query
+
+    /// The statement for `keys` with them bound, padded to a power of two by repeating the
+    /// last key.
+    fn query(&self, keys: &[String]) -> sqlx::query::Query<'static, Any, sqlx::any::AnyArguments> {
+        use sqlx::SqlSafeStr as _;
+        let size = keys.len().max(1).next_power_of_two();
+        let sql = match self.by_size.get(size.ilog2() as usize) {
+            Some(sql) => sqlx::AssertSqlSafe(sql.clone()).into_sql_str(),
+            // More keys than a batch takes: never from `work`, but correct all the same.
+            None => sqlx::AssertSqlSafe(Self::text(&self.head, size)).into_sql_str(),
+        };
+        let mut query = sqlx::query(sql);
+        let padding = keys.last().into_iter().cycle().take(size - keys.len());
+        for key in keys.iter().chain(padding) {
+            query = query.bind(key.clone());
+        }
+        query
+    }
 }
 
 /// Workers for one kind of point read on `pool`: two, so that with a database across a
@@ -239,11 +263,15 @@ mod tests {
     #[test]
     fn keys_are_padded_to_a_power_of_two() {
         use sqlx::Execute as _;
-        let keys = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
-        let query = select_in("SELECT id FROM t WHERE id IN", keys);
+        let statements = Statements::new("SELECT id FROM t WHERE id IN");
+        let keys = ["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        let query = statements.query(&keys);
         assert_eq!(query.sql(), "SELECT id FROM t WHERE id IN ($1, $2, $3, $4)");
-        let query = select_in("SELECT id FROM t WHERE id IN", vec!["a".to_owned()]);
+        let query = statements.query(&keys[..1]);
         assert_eq!(query.sql(), "SELECT id FROM t WHERE id IN ($1)");
+        let many: Vec<String> = (0..MAX_KEYS + 1).map(|n| n.to_string()).collect();
+        let placeholders = statements.query(&many).sql().as_str().matches('$').count();
+        assert_eq!(placeholders, 2 * MAX_KEYS);
     }
 
     async fn table_of(rows: usize) -> (AnyPool, std::path::PathBuf) {
