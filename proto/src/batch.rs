@@ -13,18 +13,17 @@
 //! a cache, this needs no invalidation, so it is used on both engines, with replicas too.
 //! Queries run in the workers' own tasks, so a caller that goes away never cancels one; that
 //! is also why each worker keeps one pooled connection, sparing the ping sqlx sends each time
-//! a connection goes back to the pool (one more round trip per query). A kept connection idle
-//! for a while is pinged before use, as the pool does, and one that failed is given back.
+//! a connection goes back to the pool (one more round trip per query); see
+//! [`crate::db::HeldConnection`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use std::time::Instant;
-
 use sqlx::any::AnyRow;
-use sqlx::pool::PoolConnection;
-use sqlx::{Any, AnyPool, Connection as _};
+use sqlx::{Any, AnyPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::db::HeldConnection;
 
 /// Most keys one query reads.
 pub const MAX_KEYS: usize = 64;
@@ -100,23 +99,11 @@ async fn work<V: Clone>(
     row: RowReader<V>,
 ) {
     let mut batch = Vec::with_capacity(MAX_KEYS);
-    let mut held: Option<(PoolConnection<Any>, Instant)> = None;
+    let mut held = HeldConnection::new(pool);
     loop {
         // One worker at a time waits on the queue; the others are reading meanwhile.
         let next = async { waiting.lock().await.recv_many(&mut batch, MAX_KEYS).await };
-        let taken = if held.is_some() {
-            // A closing pool waits for its connections: give ours back at once.
-            tokio::select! {
-                taken = next => taken,
-                () = pool.close_event() => {
-                    held = None;
-                    continue;
-                }
-            }
-        } else {
-            next.await
-        };
-        if taken == 0 {
+        if held.wait(next).await == 0 {
             return;
         }
         batch.retain(|w: &Waiting<V>| !w.reply.is_closed());
@@ -127,7 +114,7 @@ async fn work<V: Clone>(
         keys.sort_unstable();
         keys.dedup();
         metrics::histogram!("db_point_read_batch_size").record(batch.len() as f64);
-        match read(&pool, &mut held, &statements, row, &keys).await {
+        match read(&mut held, &statements, row, &keys).await {
             Ok(rows) => {
                 let found: HashMap<String, V> = rows.into_iter().collect();
                 for w in batch.drain(..) {
@@ -135,8 +122,7 @@ async fn work<V: Clone>(
                 }
             }
             Err(err) => {
-                // The connection may be what failed: the pool tests it on the way back.
-                held = None;
+                held.give_back();
                 for w in batch.drain(..) {
                     let _ = w.reply.send(Err(crate::db::copy_error(&err)));
                 }
@@ -145,59 +131,27 @@ async fn work<V: Clone>(
     }
 }
 
-/// Reads `keys` on the held connection, or on one taken from the pool and then held. A held
-/// connection the database may have dropped since (a restart, a terminated backend): if the
-/// query fails on it, the read is made once more on a fresh connection (reads are safe to
-/// repeat).
+/// Reads `keys` on the held connection. One the database may have dropped since (a restart,
+/// a terminated backend): if the query fails on it, the read is made once more on a fresh
+/// connection that answers a ping (reads are safe to repeat).
 async fn read<V>(
-    pool: &AnyPool,
-    held: &mut Option<(PoolConnection<Any>, Instant)>,
+    held: &mut HeldConnection,
     statements: &Statements,
     row: RowReader<V>,
     keys: &[String],
 ) -> Result<Vec<(String, V)>, sqlx::Error> {
-    if let Some((conn, used)) = held
-        && used.elapsed() >= crate::db::IDLE_BEFORE_PING
-        && conn.ping().await.is_err()
+    let rows = match statements
+        .query(keys)
+        .fetch_all(&mut **held.get().await?)
+        .await
     {
-        *held = None;
-    }
-    let mut retried = false;
-    loop {
-        let (conn, used) = match held {
-            Some(held) => held,
-            None if retried => held.insert((live_connection(pool).await?, Instant::now())),
-            None => held.insert((pool.acquire().await?, Instant::now())),
-        };
-        match statements.query(keys).fetch_all(&mut **conn).await {
-            Ok(rows) => {
-                *used = Instant::now();
-                return rows.iter().map(row).collect();
-            }
-            Err(_) if !retried => {
-                *held = None;
-                retried = true;
-            }
-            Err(err) => return Err(err),
+        Ok(rows) => rows,
+        Err(_) => {
+            let conn = held.get_live().await?;
+            statements.query(keys).fetch_all(&mut **conn).await?
         }
-    }
-}
-
-/// A pooled connection that answers a ping: after one connection failed, the others the pool
-/// holds may have been dropped by the database too.
-async fn live_connection(pool: &AnyPool) -> Result<PoolConnection<Any>, sqlx::Error> {
-    let mut failure = sqlx::Error::PoolTimedOut;
-    for _ in 0..=pool.options().get_max_connections() {
-        let mut conn = pool.acquire().await?;
-        match conn.ping().await {
-            Ok(()) => return Ok(conn),
-            Err(err) => {
-                conn.close_on_drop();
-                failure = err;
-            }
-        }
-    }
-    Err(failure)
+    };
+    rows.iter().map(row).collect()
 }
 
 /// The statements of one kind of point read, `{head} ($1, ..., $n)` for n = 1, 2, 4 ...

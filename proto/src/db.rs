@@ -6,11 +6,14 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, ConnectOptions as _, Connection as _, Executor as _};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyPool, ConnectOptions as _, Connection as _, Executor as _};
 
 /// Which engine a database URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +47,84 @@ pub enum SqliteSync {
 
 /// A pooled connection idle this long is pinged before it is used.
 pub(crate) const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
+/// A pooled connection that a background task keeps between its statements.
+///
+/// Every connection sqlx's pool takes back is pinged first (one more round trip per
+/// statement: a network hop on PostgreSQL, a wake of the connection's worker thread on
+/// SQLite). A task that runs statements back to back keeps one instead: it is pinged only
+/// after [`IDLE_BEFORE_PING`] without use (as the pool does with its own idle connections),
+/// given back after a failure (the pool tests it on the way back) and when the pool starts
+/// closing (see [`HeldConnection::wait`]).
+#[derive(Debug)]
+pub struct HeldConnection {
+    pool: AnyPool,
+    held: Option<(PoolConnection<Any>, Instant)>,
+}
+
+impl HeldConnection {
+    /// Holds nothing until the first [`HeldConnection::get`].
+    pub fn new(pool: AnyPool) -> Self {
+        Self { pool, held: None }
+    }
+
+    /// The kept connection (pinged first if it sat idle), or a new one from the pool.
+    pub async fn get(&mut self) -> Result<&mut PoolConnection<Any>, sqlx::Error> {
+        if let Some((conn, used)) = &mut self.held
+            && needs_ping(used.elapsed())
+            && conn.ping().await.is_err()
+        {
+            self.held = None;
+        }
+        let kept = match self.held.take() {
+            Some(kept) => kept,
+            None => (self.pool.acquire().await?, Instant::now()),
+        };
+        let (conn, used) = self.held.insert(kept);
+        *used = Instant::now();
+        Ok(conn)
+    }
+
+    /// A connection from the pool that answers a ping, in place of the kept one: after one
+    /// connection failed, the others the pool holds may have been dropped by the database too.
+    pub async fn get_live(&mut self) -> Result<&mut PoolConnection<Any>, sqlx::Error> {
+        self.held = None;
+        let mut failure = sqlx::Error::PoolTimedOut;
+        for _ in 0..=self.pool.options().get_max_connections() {
+            let mut conn = self.pool.acquire().await?;
+            match conn.ping().await {
+                Ok(()) => {
+                    let (conn, _) = self.held.insert((conn, Instant::now()));
+                    return Ok(conn);
+                }
+                Err(err) => {
+                    conn.close_on_drop();
+                    failure = err;
+                }
+            }
+        }
+        Err(failure)
+    }
+
+    /// Gives the kept connection back (after a statement failed on it: it may be broken, or
+    /// hold a transaction to roll back; the pool's check on the way back deals with both).
+    pub fn give_back(&mut self) {
+        self.held = None;
+    }
+
+    /// Waits for `next`, giving the kept connection back if the pool starts closing meanwhile
+    /// (a closing pool waits for every connection it lent).
+    pub async fn wait<F: Future>(&mut self, next: F) -> F::Output {
+        let mut next = std::pin::pin!(next);
+        if self.held.is_some() {
+            tokio::select! {
+                out = &mut next => return out,
+                () = self.pool.close_event() => self.held = None,
+            }
+        }
+        next.await
+    }
+}
 
 /// Pool settings.
 #[derive(Debug, Clone)]
@@ -217,12 +298,13 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<AnyPo
         .acquire_timeout(settings.acquire_timeout)
         // sqlx pings every connection when it returns to the pool (and closes it if that
         // fails); pinging again before each use would cost one more round trip per statement.
-        // A connection idle for a while is pinged before use, so one a PostgreSQL restart broke
-        // while it sat in the pool is replaced instead of failing a caller.
+        // A connection idle for a while, or since another was lost, is pinged before use, so
+        // one a PostgreSQL restart broke while it sat in the pool is replaced instead of
+        // failing a caller.
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                if meta.idle_for < IDLE_BEFORE_PING {
+                if !needs_ping(meta.idle_for) {
                     return Ok(true);
                 }
                 Ok(conn.ping().await.is_ok())
@@ -359,6 +441,41 @@ pub async fn secret(pool: &AnyPool, name: &str) -> anyhow::Result<Vec<u8>> {
     engine
         .decode(stored)
         .context("the stored secret is not base64")
+}
+
+/// When a statement last failed because the database dropped or refused its connection, in
+/// milliseconds since [`process_clock_ms`]'s start (0: never).
+static CONNECTION_LOST_MS: AtomicU64 = AtomicU64::new(0);
+
+fn process_clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether a pooled connection that has sat idle for `idle_for` must be pinged before use:
+/// after [`IDLE_BEFORE_PING`], or when a connection was lost since it went idle (a database
+/// restart or failover drops all of them at once; pinging spares the next callers from
+/// finding that out one failed call per pooled connection).
+fn needs_ping(idle_for: Duration) -> bool {
+    if idle_for >= IDLE_BEFORE_PING {
+        return true;
+    }
+    let lost = CONNECTION_LOST_MS.load(Ordering::Relaxed);
+    let idle_since = process_clock_ms().saturating_sub(idle_for.as_millis() as u64);
+    // Millisecond clock: a loss in the same millisecond counts as after.
+    lost != 0 && lost + 1 >= idle_since
+}
+
+/// Classifies a failed statement for the caller: `true` when the database is unavailable
+/// right now (the caller may retry; see [`is_unavailable`]). Such a failure also marks every
+/// connection idle in the pool as suspect, so each is pinged before its next use.
+pub fn note_failure(err: &sqlx::Error) -> bool {
+    let unavailable = is_unavailable(err);
+    if unavailable {
+        CONNECTION_LOST_MS.store(process_clock_ms().max(1), Ordering::Relaxed);
+    }
+    unavailable
 }
 
 /// Whether `err` means the database cannot be reached right now (the caller may retry), as

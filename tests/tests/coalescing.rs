@@ -216,19 +216,7 @@ async fn reads_survive_the_database_dropping_their_connections() {
     };
     assert!(authorize(&mut dir).await.expect("before"));
 
-    let name = db.url.rsplit('/').next().expect("database name").to_owned();
-    let mut admin = sqlx::PgConnection::connect(&postgres_admin_url())
-        .await
-        .expect("admin connection");
-    let terminated: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1 AND pid <> pg_backend_pid()",
-    )
-    .bind(&name)
-    .fetch_all(&mut admin)
-    .await
-    .expect("terminate the service's connections");
-    assert!(!terminated.is_empty(), "the service holds connections");
+    terminate_connections_to(&db.url).await;
 
     // Sign-in reads through the pool, whose idle connections were dropped too: it may fail
     // once, but as a retryable UNAVAILABLE, never as an INTERNAL error.
@@ -253,4 +241,93 @@ async fn reads_survive_the_database_dropping_their_connections() {
         assert!(allowed);
     }
     server.stop().await;
+}
+
+/// Terminates every connection other sessions hold to the PostgreSQL database at `url`.
+async fn terminate_connections_to(url: &str) {
+    let name = url.rsplit('/').next().expect("database name").to_owned();
+    let mut admin = sqlx::PgConnection::connect(&postgres_admin_url())
+        .await
+        .expect("admin connection");
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate the service's connections");
+    assert!(!terminated.is_empty(), "the service holds connections");
+}
+
+/// The group commit keeps its connection between batches too. When PostgreSQL drops it, a
+/// purchase may fail once, as a retryable UNAVAILABLE; retried with the same request id it
+/// succeeds, and the directory ends up with exactly one subscription for it.
+#[tokio::test]
+async fn purchases_survive_the_database_dropping_their_connections() {
+    let Some(ddb) = TestDb::postgres().await else {
+        return;
+    };
+    let Some(bdb) = TestDb::postgres().await else {
+        return;
+    };
+    let directory = DirectoryServer::start(&ddb).await;
+    let billing = BillingServer::start(&bdb, &directory).await;
+    let mut dir = directory.client().await;
+    let mut bill = billing.client().await;
+    let tenant = sign_up(&mut dir, "wingtip").await;
+    let buy = |request_id: &str| {
+        authed(
+            bpb::CreateSubscriptionRequest {
+                offer_id: "azure-pay-as-you-go".into(),
+                display_name: "after a failover".into(),
+                seats: 0,
+                request_id: request_id.into(),
+            },
+            &tenant.token,
+        )
+    };
+    const AFTER: &str = "00000000-0000-4000-8000-000000000002";
+    bill.create_subscription(buy("00000000-0000-4000-8000-000000000001"))
+        .await
+        .expect("before");
+
+    terminate_connections_to(&bdb.url).await;
+    let first = match bill.create_subscription(buy(AFTER)).await {
+        Ok(created) => created.into_inner(),
+        Err(err) => {
+            assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+            assert_eq!(details(&err).0, "DATABASE_UNAVAILABLE");
+            bill.create_subscription(buy(AFTER))
+                .await
+                .expect("the retry")
+                .into_inner()
+        }
+    };
+    let again = bill
+        .create_subscription(buy(AFTER))
+        .await
+        .expect("the same request again")
+        .into_inner();
+    assert_eq!(again.id, first.id, "one subscription per request id");
+    for n in 0..5 {
+        bill.create_subscription(buy(&format!("00000000-0000-4000-8000-00000000010{n}")))
+            .await
+            .unwrap_or_else(|err| panic!("purchase {n} after the connections dropped: {err:?}"));
+    }
+    let listed = bill
+        .list_subscriptions(authed(
+            bpb::ListSubscriptionsRequest {
+                page_size: 100,
+                page_token: String::new(),
+            },
+            &tenant.token,
+        ))
+        .await
+        .expect("list")
+        .into_inner()
+        .subscriptions;
+    assert_eq!(listed.len(), 7, "before, after and five later: {listed:#?}");
+    billing.stop().await;
+    directory.stop().await;
 }

@@ -38,7 +38,7 @@ pub enum Error {
 
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
-        let unavailable = contract::db::is_unavailable(&err);
+        let unavailable = contract::db::note_failure(&err);
         let err = anyhow::Error::new(err).context("database");
         if unavailable {
             Error::Unavailable(err)

@@ -4,9 +4,10 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 use contract::batch::PointReads;
-use contract::db::{Engine, WriteGate};
+use contract::db::{Engine, HeldConnection, WriteGate};
 use sqlx::any::AnyRow;
-use sqlx::{AnyPool, AssertSqlSafe, Row as _};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyPool, AssertSqlSafe, Connection as _, Row as _};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{BillingStore, StoreError};
@@ -195,11 +196,21 @@ impl BillingStore for SqlStore {
 /// serves many.
 async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiver<Pending>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    // Batches follow each other closely under load: the task keeps its connection rather than
+    // give it back (and have it pinged) after every commit.
+    let mut held = HeldConnection::new(pool);
+    while held.wait(queue.recv_many(&mut batch, MAX_BATCH)).await > 0 {
         let outcome = {
             let _turn = writers.enter().await;
-            insert_batch(&pool, &batch).await
+            match held.get().await {
+                Ok(conn) => insert_batch(conn, &batch).await,
+                Err(err) => Err(err),
+            }
         };
+        if outcome.is_err() {
+            // Not retried: the commit may have landed. The pool checks the connection.
+            held.give_back();
+        }
         metrics::histogram!("billing_purchase_batch_size").record(batch.len() as f64);
         match outcome {
             Ok(inserted) => {
@@ -225,16 +236,19 @@ async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiv
 /// The ids of the rows of `batch` that were inserted, in one transaction. The batch goes in
 /// as statements of 256, 128, ... 2, 1 rows (37 purchases: 32 + 4 + 1), so each connection
 /// caches at most nine prepared statements rather than one per batch size.
-async fn insert_batch(pool: &AnyPool, batch: &[Pending]) -> Result<HashSet<String>, sqlx::Error> {
+async fn insert_batch(
+    conn: &mut PoolConnection<Any>,
+    batch: &[Pending],
+) -> Result<HashSet<String>, sqlx::Error> {
     let mut inserted = HashSet::with_capacity(batch.len());
     if batch.len().is_power_of_two() {
         // One statement is its own transaction.
-        for row in insert_rows(batch).fetch_all(pool).await? {
+        for row in insert_rows(batch).fetch_all(&mut **conn).await? {
             inserted.insert(row.try_get::<String, _>("id")?);
         }
         return Ok(inserted);
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let mut rest = batch;
     while !rest.is_empty() {
         let size = 1 << rest.len().ilog2();
