@@ -13,7 +13,7 @@ figure that bounds throughput on a machine whose cores are all busy: with 2 core
   python3 tests/bench/cost.py [--backends sqlite,postgres] [--scenarios health,get-subscription]
                               [--rate N] [--duration 5]
 """
-import argparse, os, resource, shutil, subprocess, sys, tempfile, time, uuid
+import argparse, os, resource, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import run  # noqa: E402  (the matrix script: starting services, loadgen, PostgreSQL helpers)
@@ -41,25 +41,9 @@ def children_cpu_secs():
 
 
 def measure(backend, opts):
-    tmp = tempfile.mkdtemp(prefix="cost-")
-    if backend == "sqlite":
-        ddb, bdb, names = f"sqlite://{tmp}/directory.db", f"sqlite://{tmp}/billing.db", ()
-    else:
-        suffix = uuid.uuid4().hex[:8]
-        names = (f"cost_dir_{suffix}", f"cost_bill_{suffix}")
-        ddb, bdb = run.pg_db(names[0]), run.pg_db(names[1])
     dport, bport = 51081, 51082
-    log = open(os.path.join(tmp, "services.log"), "w")
-    limits = ["--signin-failures-per-upn-per-minute", "0", "--signin-per-peer-per-minute", "0",
-              "--signup-per-peer-per-minute", "0"]
-    directory = run.start("directory-svc", ["--listen", f"127.0.0.1:{dport}", "--database-url", ddb] + limits, log)
-    billing = None
     rows = []
-    try:
-        run.wait_port(dport)
-        billing = run.start("billing-svc", ["--listen", f"127.0.0.1:{bport}", "--database-url", bdb,
-                                            "--directory-url", f"http://127.0.0.1:{dport}"], log)
-        run.wait_port(bport)
+    with run.service_pair(backend, "cost", dport, bport) as (directory, billing):
         for scenario in opts.scenarios.split(","):
             load = ["--rate", str(opts.rate)] if opts.rate else []
             before = (cpu_ticks(directory.pid), cpu_ticks(billing.pid), postgres_ticks(),
@@ -75,20 +59,12 @@ def measure(backend, opts):
             # requests the whole run would have served at the measured rate.
             requests = r["requests_per_sec"] * (after[4] - before[4])
             per = lambda i, scale: (after[i] - before[i]) * scale * 1e6 / requests  # noqa: E731
-            costs = [per(0, 1 / HZ), per(1, 1 / HZ), per(2, 1 / HZ) if names else 0.0, per(3, 1)]
+            pg = per(2, 1 / HZ) if backend == "postgres" else 0.0
+            costs = [per(0, 1 / HZ), per(1, 1 / HZ), pg, per(3, 1)]
             rows.append((backend, scenario, r["requests_per_sec"], r["latency_us"]["p99"], costs))
             print(f"{backend:9} {scenario:20} {r['requests_per_sec']:8.0f}/s  CPU us/request: "
                   f"directory {costs[0]:5.1f}  billing {costs[1]:5.1f}  postgres {costs[2]:5.1f}  "
                   f"loadgen {costs[3]:5.1f}", flush=True)
-    finally:
-        for proc in (directory, billing):
-            if proc:
-                proc.terminate()
-                proc.wait()
-        log.close()
-        for n in names:
-            run.psql(f"DROP DATABASE IF EXISTS {n} WITH (FORCE)")
-        shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 

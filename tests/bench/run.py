@@ -10,7 +10,7 @@ baseline measured in the same run. Raw results go to target/bench/results-<backe
   cargo build --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen
   python3 tests/bench/run.py [--duration 5] [--warmup 1] [--backends sqlite,postgres]
 """
-import argparse, json, os, shutil, subprocess, sys, tempfile, time, uuid
+import argparse, contextlib, json, os, shutil, subprocess, sys, tempfile, time, uuid
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 REL = os.path.join(ROOT, "target", "release")
@@ -62,6 +62,41 @@ def psql(sql):
     subprocess.run(["psql", PG_ADMIN, "-q", "-c", sql], check=True, capture_output=True)
 
 
+LIMITS_OFF = ["--signin-failures-per-upn-per-minute", "0", "--signin-per-peer-per-minute", "0",
+              "--signup-per-peer-per-minute", "0"]
+
+
+@contextlib.contextmanager
+def service_pair(backend, prefix, dport, bport):
+    """Both services on fresh databases (abuse limits off), stopped and dropped on exit.
+    Yields (directory, billing) processes."""
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}-")
+    if backend == "sqlite":
+        ddb, bdb, names = f"sqlite://{tmp}/directory.db", f"sqlite://{tmp}/billing.db", ()
+    else:
+        suffix = uuid.uuid4().hex[:8]
+        names = (f"{prefix}_dir_{suffix}", f"{prefix}_bill_{suffix}")
+        ddb, bdb = pg_db(names[0]), pg_db(names[1])
+    log = open(os.path.join(tmp, "services.log"), "w")
+    directory = start("directory-svc", ["--listen", f"127.0.0.1:{dport}", "--database-url", ddb] + LIMITS_OFF, log)
+    billing = None
+    try:
+        wait_port(dport)
+        billing = start("billing-svc", ["--listen", f"127.0.0.1:{bport}", "--database-url", bdb,
+                                        "--directory-url", f"http://127.0.0.1:{dport}"], log)
+        wait_port(bport)
+        yield directory, billing
+    finally:
+        for proc in (directory, billing):
+            if proc:
+                proc.terminate()
+                proc.wait()
+        log.close()
+        for n in names:
+            psql(f"DROP DATABASE IF EXISTS {n} WITH (FORCE)")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_backend(backend, opts):
     tmp = tempfile.mkdtemp(prefix="bench-")
     if backend == "sqlite":
@@ -72,10 +107,8 @@ def run_backend(backend, opts):
         ddb, bdb = pg_db(names[0]), pg_db(names[1])
     dport, bport = 51051, 51052
     log = open(os.path.join(tmp, "services.log"), "w")
-    limits = ["--signin-failures-per-upn-per-minute", "0", "--signin-per-peer-per-minute", "0",
-              "--signup-per-peer-per-minute", "0"]
     directory = start("directory-svc", ["--listen", f"127.0.0.1:{dport}", "--database-url", ddb,
-                                        "--db-max-connections", str(opts.pool)] + limits, log)
+                                        "--db-max-connections", str(opts.pool)] + LIMITS_OFF, log)
     billing = None
     try:
         wait_port(dport)

@@ -9,7 +9,7 @@ at concurrency 64, --pairs times, and reports each pair's ratio and their median
   cargo build --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen
   python3 tests/bench/targets.py [--pairs 3] [--duration 5] [--backends sqlite,postgres]
 """
-import argparse, os, shutil, statistics, sys, tempfile, uuid
+import argparse, os, statistics, sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import run  # noqa: E402  (the matrix script: starting services, loadgen, PostgreSQL helpers)
@@ -18,27 +18,9 @@ TARGETS = {"authorize": 0.60, "get-subscription": 0.35, "create-subscription": 0
 
 
 def measure(backend, opts):
-    tmp = tempfile.mkdtemp(prefix="targets-")
-    if backend == "sqlite":
-        ddb, bdb = f"sqlite://{tmp}/directory.db", f"sqlite://{tmp}/billing.db"
-        names = ()
-    else:
-        suffix = uuid.uuid4().hex[:8]
-        names = (f"targets_dir_{suffix}", f"targets_bill_{suffix}")
-        ddb, bdb = run.pg_db(names[0]), run.pg_db(names[1])
     dport, bport = 51061, 51062
-    log = open(os.path.join(tmp, "services.log"), "w")
-    limits = ["--signin-failures-per-upn-per-minute", "0", "--signin-per-peer-per-minute", "0",
-              "--signup-per-peer-per-minute", "0"]
-    directory = run.start("directory-svc", ["--listen", f"127.0.0.1:{dport}", "--database-url", ddb] + limits, log)
-    billing = None
     rows = []
-    try:
-        run.wait_port(dport)
-        billing = run.start("billing-svc", ["--listen", f"127.0.0.1:{bport}", "--database-url", bdb,
-                                            "--directory-url", f"http://127.0.0.1:{dport}"], log)
-        run.wait_port(bport)
-
+    with run.service_pair(backend, "targets", dport, bport):
         def rate(scenario):
             r = run.loadgen(["--scenario", scenario, "--directory", f"127.0.0.1:{dport}",
                              "--billing", f"127.0.0.1:{bport}", "-c", "64", "--connections", "4",
@@ -56,15 +38,6 @@ def measure(backend, opts):
                       f"ratio {got / base:.0%}", flush=True)
             median = statistics.median(ratios)
             rows.append((backend, scenario, target, ratios, median))
-    finally:
-        for proc in (directory, billing):
-            if proc:
-                proc.terminate()
-                proc.wait()
-        log.close()
-        for n in names:
-            run.psql(f"DROP DATABASE IF EXISTS {n} WITH (FORCE)")
-        shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 
