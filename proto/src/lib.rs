@@ -11,9 +11,7 @@
 //!   code path, and persisted secrets.
 //! - [`batch`]: point reads by key that wait at the same time share one query.
 //! - [`cache`]: the exactly invalidated read cache a process may keep of an SQLite file it
-//!   owns, or of a PostgreSQL database while it holds a lease.
-//! - [`peers`]: the leases and invalidations that keep caches exact across replicas sharing
-//!   one PostgreSQL database.
+//!   owns.
 //!
 //! This crate holds no business rule of either service: those live in each service's domain.
 
@@ -25,7 +23,6 @@ pub mod launch;
 pub mod limits;
 pub mod metrics;
 pub mod paging;
-pub mod peers;
 pub mod rpc;
 pub mod time;
 

@@ -1,11 +1,8 @@
 //! [`DirectoryStore`] over sqlx's `Any` driver: one set of SQL for SQLite and PostgreSQL.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use contract::batch::PointReads;
 use contract::db::{Engine, WriteGate};
-use contract::peers::Peers;
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row as _};
 
@@ -22,15 +19,9 @@ pub struct SqlStore {
     writers: WriteGate,
     /// Users by id, the read every authenticated call makes, coalesced.
     users: PointReads<User>,
-    /// On PostgreSQL, the replicas whose caches a change to a user must reach before it is
-    /// acknowledged.
-    peers: Option<Arc<Peers>>,
 }
 
 const USER_COLUMNS: &str = "id, directory_id, upn, display_name, roles, create_time";
-
-/// The kind of row the caches of users are invalidated by.
-pub const USERS: &str = "users";
 
 impl SqlStore {
     /// Wraps an open pool on `engine` and brings its schema up to date.
@@ -47,36 +38,7 @@ impl SqlStore {
             pool,
             writers,
             users,
-            peers: None,
         })
-    }
-
-    /// Announces every change to a user to `peers` and waits for them before answering.
-    pub fn with_peers(self, peers: Arc<Peers>) -> Self {
-        Self {
-            peers: Some(peers),
-            ..self
-        }
-    }
-
-    /// Within the transaction changing the user `id`: tells the replicas' caches.
-    async fn announce(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-        id: &str,
-    ) -> Result<(), sqlx::Error> {
-        match &self.peers {
-            Some(_) => contract::peers::announce(tx, USERS, id).await,
-            None => Ok(()),
-        }
-    }
-
-    /// After that transaction committed: waits until the replicas' caches have dropped the
-    /// old row.
-    async fn settle(&self) {
-        if let Some(peers) = &self.peers {
-            peers.settle().await;
-        }
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -285,10 +247,7 @@ impl DirectoryStore for SqlStore {
         .fetch_one(&mut *tx)
         .await?;
         let user = user_from_row(&row)?;
-        self.announce(&mut tx, user_id).await?;
         tx.commit().await?;
-        drop(_turn);
-        self.settle().await;
         Ok(user)
     }
 
@@ -322,10 +281,7 @@ impl DirectoryStore for SqlStore {
         if global_admins(&mut tx, directory_id).await? == 0 {
             return Err(StoreError::LastGlobalAdministrator);
         }
-        self.announce(&mut tx, user_id).await?;
         tx.commit().await?;
-        drop(_turn);
-        self.settle().await;
         Ok(())
     }
 }
