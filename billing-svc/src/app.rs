@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use contract::billing::v1::billing_service_server::{BillingServiceServer, SERVICE_NAME};
-use contract::db::Ownership;
+use contract::db::{Engine, Ownership};
 use contract::paging::PageTokens;
+use contract::peers::Peers;
 use contract::rpc::ServeOptions;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -33,6 +34,8 @@ pub struct Application {
     config: Config,
     /// This process's claim on its SQLite file, held while it serves.
     ownership: Option<Ownership>,
+    /// On PostgreSQL, this process's part in keeping the replicas' caches exact.
+    peers: Option<Arc<Peers>>,
 }
 
 impl Application {
@@ -47,18 +50,31 @@ impl Application {
             config.directory_tls.as_ref(),
         )?;
         let ownership = Ownership::claim(&config.database_url)?;
+        let engine = Engine::of(&config.database_url)?;
         let pool = contract::db::connect(&config.database_url, &config.pool).await?;
-        let store = SqlStore::new(pool, contract::db::Engine::of(&config.database_url)?)
+        let mut store = SqlStore::new(pool, engine)
             .await
             .context("cannot migrate the database")?;
         let page_key = contract::db::secret(store.pool(), "page-token-key").await?;
         let pool = store.pool().clone();
-        let store: Arc<dyn BillingStore> = match (&ownership, config.cache_entries) {
-            (Some(_), entries) if entries > 0 => {
-                Arc::new(CachedStore::new(Arc::new(store), entries))
+        let peers = (engine == Engine::Postgres)
+            .then(|| Arc::new(Peers::new(&config.database_url, pool.clone())));
+        if let Some(peers) = &peers {
+            store = store.with_peers(peers.clone());
+        }
+        let store: Arc<dyn BillingStore> = match (&ownership, &peers, config.cache_entries) {
+            (_, _, 0) => Arc::new(store),
+            (Some(_), _, entries) => Arc::new(CachedStore::new(Arc::new(store), entries)),
+            (None, Some(peers), entries) => {
+                let cached = CachedStore::leased(Arc::new(store), entries, peers.lease());
+                peers.start(cached.peer_caches());
+                Arc::new(cached)
             }
-            _ => Arc::new(store),
+            (None, None, _) => Arc::new(store),
         };
+        if let Some(peers) = &peers {
+            peers.start(Vec::new()); // no-op when the cache started it
+        }
         let service = Service::new(store, Arc::new(directory), PageTokens::new(&page_key));
         Ok(Self {
             listener,
@@ -67,6 +83,7 @@ impl Application {
             api: BillingApi::new(Arc::new(service)),
             config,
             ownership,
+            peers,
         })
     }
 
@@ -90,6 +107,9 @@ impl Application {
         let served =
             contract::rpc::serve(self.listener, Routes::new(service), options, shutdown).await;
         pool_metrics.abort();
+        if let Some(peers) = &self.peers {
+            peers.withdraw().await;
+        }
         drop(self.ownership);
         served
     }

@@ -8,9 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use contract::db::Ownership;
+use contract::db::{Engine, Ownership};
 use contract::directory::v1::directory_service_server::{DirectoryServiceServer, SERVICE_NAME};
 use contract::paging::PageTokens;
+use contract::peers::Peers;
 use contract::rpc::ServeOptions;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -34,6 +35,8 @@ pub struct Application {
     config: Config,
     /// This process's claim on its SQLite file, held while it serves.
     ownership: Option<Ownership>,
+    /// On PostgreSQL, this process's part in keeping the replicas' caches exact.
+    peers: Option<Arc<Peers>>,
 }
 
 impl Application {
@@ -43,19 +46,32 @@ impl Application {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
         let ownership = Ownership::claim(&config.database_url)?;
+        let engine = Engine::of(&config.database_url)?;
         let pool = contract::db::connect(&config.database_url, &config.pool).await?;
-        let store = SqlStore::new(pool, contract::db::Engine::of(&config.database_url)?)
+        let mut store = SqlStore::new(pool, engine)
             .await
             .context("cannot migrate the database")?;
         let token_key = contract::db::secret(store.pool(), "access-token-key").await?;
         let page_key = contract::db::secret(store.pool(), "page-token-key").await?;
         let pool = store.pool().clone();
-        let store: Arc<dyn DirectoryStore> = match (&ownership, config.cache_entries) {
-            (Some(_), entries) if entries > 0 => {
-                Arc::new(CachedStore::new(Arc::new(store), entries))
+        let peers = (engine == Engine::Postgres)
+            .then(|| Arc::new(Peers::new(&config.database_url, pool.clone())));
+        if let Some(peers) = &peers {
+            store = store.with_peers(peers.clone());
+        }
+        let store: Arc<dyn DirectoryStore> = match (&ownership, &peers, config.cache_entries) {
+            (_, _, 0) => Arc::new(store),
+            (Some(_), _, entries) => Arc::new(CachedStore::new(Arc::new(store), entries)),
+            (None, Some(peers), entries) => {
+                let cached = CachedStore::leased(Arc::new(store), entries, peers.lease());
+                peers.start(cached.peer_caches());
+                Arc::new(cached)
             }
-            _ => Arc::new(store),
+            (None, None, _) => Arc::new(store),
         };
+        if let Some(peers) = &peers {
+            peers.start(Vec::new()); // no-op when the cache started it
+        }
         let service = Service::new(
             store,
             Passwords::new(config.argon2)?,
@@ -70,6 +86,7 @@ impl Application {
             api: DirectoryApi::new(Arc::new(service)),
             config,
             ownership,
+            peers,
         })
     }
 
@@ -93,6 +110,9 @@ impl Application {
         let served =
             contract::rpc::serve(self.listener, Routes::new(service), options, shutdown).await;
         pool_metrics.abort();
+        if let Some(peers) = &self.peers {
+            peers.withdraw().await;
+        }
         drop(self.ownership);
         served
     }

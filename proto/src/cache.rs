@@ -20,10 +20,13 @@
 //!
 //! [`fill`]: OwnedCache::fill
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+
+use crate::peers::{Invalidate, Lease};
 
 /// Entries kept by default.
 pub const DEFAULT_ENTRIES: usize = 50_000;
@@ -34,6 +37,9 @@ pub struct OwnedCache<V> {
     epoch: AtomicU64,
     writing: AtomicUsize,
     capacity: usize,
+    /// On PostgreSQL, the lease without which the cache neither answers nor fills
+    /// ([`crate::peers`]); on SQLite none (the process owns the file).
+    lease: Option<Arc<Lease>>,
 }
 
 /// The cache's epoch when a reader began reading the database.
@@ -42,18 +48,37 @@ pub struct OwnedCache<V> {
 pub struct Ticket(u64);
 
 impl<V: Clone> OwnedCache<V> {
-    /// A cache of at most `capacity` entries (when full, it starts over empty).
+    /// A cache of at most `capacity` entries (when full, it starts over empty), for a process
+    /// that owns its database.
     pub fn new(capacity: usize) -> Self {
         Self {
             map: DashMap::new(),
             epoch: AtomicU64::new(0),
             writing: AtomicUsize::new(0),
             capacity: capacity.max(1),
+            lease: None,
         }
     }
 
+    /// A cache that answers only while `lease` is valid (a database shared with other
+    /// replicas; see [`crate::peers`]).
+    pub fn leased(capacity: usize, lease: Arc<Lease>) -> Self {
+        Self {
+            lease: Some(lease),
+            ..Self::new(capacity)
+        }
+    }
+
+    fn usable(&self) -> bool {
+        self.lease.as_ref().is_none_or(|lease| lease.is_valid())
+    }
+
     pub fn get(&self, key: &str) -> Option<V> {
-        let hit = self.map.get(key).map(|v| v.value().clone());
+        let hit = if self.usable() {
+            self.map.get(key).map(|v| v.value().clone())
+        } else {
+            None
+        };
         metrics::counter!("cache_lookups_total", "hit" => if hit.is_some() { "true" } else { "false" })
             .increment(1);
         hit
@@ -71,6 +96,7 @@ impl<V: Clone> OwnedCache<V> {
             self.map.clear();
         }
         if let Entry::Vacant(slot) = self.map.entry(key.to_owned())
+            && self.usable()
             && self.writing.load(Ordering::SeqCst) == 0
             && self.epoch.load(Ordering::SeqCst) == ticket.0
         {
@@ -132,12 +158,27 @@ impl<V: Clone> OwnedCache<V> {
         self.map.remove(key);
     }
 
+    fn clear(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.map.clear();
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+impl<V: Clone + Send + Sync> Invalidate for OwnedCache<V> {
+    fn invalidate(&self, key: &str) {
+        OwnedCache::invalidate(self, key);
+    }
+
+    fn clear(&self) {
+        OwnedCache::clear(self);
     }
 }
 

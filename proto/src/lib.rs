@@ -11,7 +11,9 @@
 //!   code path, and persisted secrets.
 //! - [`batch`]: point reads by key that wait at the same time share one query.
 //! - [`cache`]: the exactly invalidated read cache a process may keep of an SQLite file it
-//!   owns.
+//!   owns, or of a PostgreSQL database while it holds a lease.
+//! - [`peers`]: the leases and invalidations that keep caches exact across replicas sharing
+//!   one PostgreSQL database.
 //!
 //! This crate holds no business rule of either service: those live in each service's domain.
 
@@ -23,6 +25,7 @@ pub mod launch;
 pub mod limits;
 pub mod metrics;
 pub mod paging;
+pub mod peers;
 pub mod rpc;
 pub mod time;
 

@@ -1,8 +1,8 @@
-//! The in-memory caches (SQLite only) change nothing a caller can see: a role change, a
-//! deletion or a cancellation applies to the very next call even while other calls keep
-//! reading (and refilling the cache with) the same rows. On PostgreSQL the same tests run
-//! without a cache and must pass the same way. And one process owns an SQLite file: a second
-//! server on the same file refuses to start.
+//! The in-memory caches change nothing a caller can see: a role change, a deletion or a
+//! cancellation applies to the very next call even while other calls keep reading (and
+//! refilling the cache with) the same rows, on SQLite (where the process owns the file) and on
+//! PostgreSQL (where the replica holds a lease; `peer_caches.rs` covers several replicas). And
+//! one process owns an SQLite file: a second server on the same file refuses to start.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,7 +1,7 @@
 //! Point reads that wait at the same time share one query (`contract::batch`): the callers
 //! of one query must each get their own row, never a neighbour's, across users, directories
 //! and missing rows. The servers run with their caches off so that every call reads the
-//! database (on PostgreSQL there is no cache anyway).
+//! database.
 
 use integration_tests::contract::billing::v1 as bpb;
 use integration_tests::contract::directory::v1 as dpb;
@@ -201,7 +201,7 @@ async fn reads_survive_the_database_dropping_their_connections() {
     let Some(db) = TestDb::postgres().await else {
         return;
     };
-    let server = DirectoryServer::start(&db).await;
+    let server = directory_without_cache(&db).await;
     let mut dir = server.client().await;
     let tenant = sign_up(&mut dir, "proseware").await;
     let authorize = async |dir: &mut Dir| {

@@ -315,9 +315,9 @@ impl Service {
                 "only the owner of an Azure subscription or a Global or Billing Administrator may cancel it".into(),
             ));
         }
-        if subscription.state == State::Cancelled {
-            return Ok(subscription);
-        }
+        // Even when it is cancelled already: the store returns it unchanged, and first makes
+        // sure every replica's cache has seen the cancellation (it may have been committed by
+        // a call that has not answered yet).
         self.store
             .cancel(&subscription.id, contract::time::now_micros())
             .await

@@ -1,15 +1,19 @@
 //! [`CachedStore`]: subscriptions by id from memory, for a process that owns its SQLite file
-//! (see [`contract::db::Ownership`]), so GetSubscription costs the directory hop and no read.
+//! (see [`contract::db::Ownership`]) or holds a lease on a PostgreSQL database shared with
+//! other replicas (see [`contract::peers`]), so GetSubscription costs the directory hop and no
+//! read.
 //!
 //! Correctness rests on [`contract::cache::OwnedCache`]'s protocol: a cancellation holds the
-//! write guard until it has committed, so the next read sees it exactly as it would without
-//! the cache. A new subscription needs no invalidation (absent rows are never cached), and
+//! write guard until it has committed (and, on PostgreSQL, until every other replica's cache
+//! has dropped the subscription), so the next read sees it exactly as it would without the
+//! cache. A new subscription needs no invalidation (absent rows are never cached), and
 //! nothing else changes a stored subscription.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use contract::cache::OwnedCache;
+use contract::peers::{Invalidate, Lease};
 
 use super::{BillingStore, StoreError};
 use crate::domain::model::Subscription;
@@ -26,6 +30,23 @@ impl CachedStore {
             inner,
             subscriptions: Arc::new(OwnedCache::new(entries)),
         }
+    }
+
+    /// The same, answering only while `lease` is valid (PostgreSQL); register
+    /// [`CachedStore::peer_caches`] with the peers that hold it.
+    pub fn leased(inner: Arc<dyn BillingStore>, entries: usize, lease: Arc<Lease>) -> Self {
+        Self {
+            inner,
+            subscriptions: Arc::new(OwnedCache::leased(entries, lease)),
+        }
+    }
+
+    /// The caches another replica's writes invalidate, by kind.
+    pub fn peer_caches(&self) -> Vec<(String, Arc<dyn Invalidate>)> {
+        vec![(
+            super::sql::SUBSCRIPTIONS.to_owned(),
+            self.subscriptions.clone() as Arc<dyn Invalidate>,
+        )]
     }
 }
 

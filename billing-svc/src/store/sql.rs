@@ -1,10 +1,12 @@
 //! [`BillingStore`] over sqlx's `Any` driver: one set of SQL for SQLite and PostgreSQL.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use contract::batch::PointReads;
 use contract::db::{Engine, HeldConnection, WriteGate};
+use contract::peers::Peers;
 use sqlx::any::AnyRow;
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Connection as _, Row as _};
@@ -24,7 +26,13 @@ pub struct SqlStore {
     purchases: mpsc::Sender<Pending>,
     /// Subscriptions by id (GetSubscription), coalesced.
     reads: PointReads<Subscription>,
+    /// On PostgreSQL, the replicas whose caches a cancellation must reach before it is
+    /// acknowledged.
+    peers: Option<Arc<Peers>>,
 }
+
+/// The kind of row the caches of subscriptions are invalidated by.
+pub const SUBSCRIPTIONS: &str = "subscriptions";
 
 /// A new subscription waiting for the next group commit.
 struct Pending {
@@ -62,7 +70,16 @@ impl SqlStore {
             writers,
             purchases,
             reads,
+            peers: None,
         })
+    }
+
+    /// Announces every cancellation to `peers` and waits for them before answering.
+    pub fn with_peers(self, peers: Arc<Peers>) -> Self {
+        Self {
+            peers: Some(peers),
+            ..self
+        }
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -173,16 +190,28 @@ impl BillingStore for SqlStore {
 
     async fn cancel(&self, id: &str, now: i64) -> Result<Option<Subscription>, StoreError> {
         let turn = self.writers.enter().await;
-        sqlx::query(
+        let mut tx = self.pool.begin().await?;
+        let cancelled = sqlx::query(
             "UPDATE subscriptions SET state = $1, cancel_time = $2 WHERE id = $3 AND state = $4",
         )
         .bind(State::Cancelled.code())
         .bind(now)
         .bind(id)
         .bind(State::Active.code())
-        .execute(&self.pool)
-        .await?;
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if let (true, Some(_)) = (cancelled, &self.peers) {
+            contract::peers::announce(&mut tx, SUBSCRIPTIONS, id).await?;
+        }
+        tx.commit().await?;
         drop(turn);
+        // Also when nothing changed: the cancellation may be another call's, committed but not
+        // yet confirmed by every replica's cache.
+        if let Some(peers) = &self.peers {
+            peers.settle().await;
+        }
         self.get(id).await
     }
 }

@@ -1,10 +1,13 @@
 //! [`CachedStore`]: users and directories by id from memory, for a process that owns its
-//! SQLite file (see [`contract::db::Ownership`]). Every authenticated call loads its caller by
-//! id, so this takes the database off the path of Authorize, WhoAmI and GetUser.
+//! SQLite file (see [`contract::db::Ownership`]) or that holds a lease on a PostgreSQL
+//! database shared with other replicas (see [`contract::peers`]). Every authenticated call
+//! loads its caller by id, so this takes the database off the path of Authorize, WhoAmI and
+//! GetUser.
 //!
 //! Correctness rests on [`contract::cache::OwnedCache`]'s protocol: the writes that change a
-//! cached user (SetUserRoles, DeleteUser) hold a write guard until they have committed, so a
-//! role change or a deletion applies to the next call exactly as it did without the cache.
+//! cached user (SetUserRoles, DeleteUser) hold a write guard until they have committed (and,
+//! on PostgreSQL, until every other replica's cache has dropped the user), so a role change or
+//! a deletion applies to the next call exactly as it did without the cache.
 //! New users and directories need no invalidation (absent rows are never cached), and a
 //! directory row never changes once written.
 
@@ -12,6 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use contract::cache::OwnedCache;
+use contract::peers::{Invalidate, Lease};
 
 use super::{Actor, DirectoryStore, StoreError};
 use crate::domain::model::{Directory, User};
@@ -20,7 +24,7 @@ use crate::domain::types::RoleSet;
 pub struct CachedStore {
     inner: Arc<dyn DirectoryStore>,
     users: Arc<OwnedCache<User>>,
-    directories: OwnedCache<Directory>,
+    directories: Arc<OwnedCache<Directory>>,
 }
 
 impl CachedStore {
@@ -29,8 +33,33 @@ impl CachedStore {
         Self {
             inner,
             users: Arc::new(OwnedCache::new(entries)),
-            directories: OwnedCache::new(entries),
+            directories: Arc::new(OwnedCache::new(entries)),
         }
+    }
+
+    /// The same, answering only while `lease` is valid (PostgreSQL); register
+    /// [`CachedStore::peer_caches`] with the peers that hold it.
+    pub fn leased(inner: Arc<dyn DirectoryStore>, entries: usize, lease: Arc<Lease>) -> Self {
+        Self {
+            inner,
+            users: Arc::new(OwnedCache::leased(entries, lease.clone())),
+            directories: Arc::new(OwnedCache::leased(entries, lease)),
+        }
+    }
+
+    /// The caches another replica's writes invalidate, by kind.
+    pub fn peer_caches(&self) -> Vec<(String, Arc<dyn Invalidate>)> {
+        vec![
+            (
+                super::sql::USERS.to_owned(),
+                self.users.clone() as Arc<dyn Invalidate>,
+            ),
+            // Directory rows never change; listed so a new lease starts them empty too.
+            (
+                "directories".to_owned(),
+                self.directories.clone() as Arc<dyn Invalidate>,
+            ),
+        ]
     }
 }
 

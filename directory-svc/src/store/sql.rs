@@ -1,8 +1,11 @@
 //! [`DirectoryStore`] over sqlx's `Any` driver: one set of SQL for SQLite and PostgreSQL.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use contract::batch::PointReads;
 use contract::db::{Engine, WriteGate};
+use contract::peers::Peers;
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row as _};
 
@@ -19,9 +22,15 @@ pub struct SqlStore {
     writers: WriteGate,
     /// Users by id, the read every authenticated call makes, coalesced.
     users: PointReads<User>,
+    /// On PostgreSQL, the replicas whose caches a change to a user must reach before it is
+    /// acknowledged.
+    peers: Option<Arc<Peers>>,
 }
 
 const USER_COLUMNS: &str = "id, directory_id, upn, display_name, roles, create_time";
+
+/// The kind of row the caches of users are invalidated by.
+pub const USERS: &str = "users";
 
 impl SqlStore {
     /// Wraps an open pool on `engine` and brings its schema up to date.
@@ -38,7 +47,36 @@ impl SqlStore {
             pool,
             writers,
             users,
+            peers: None,
         })
+    }
+
+    /// Announces every change to a user to `peers` and waits for them before answering.
+    pub fn with_peers(self, peers: Arc<Peers>) -> Self {
+        Self {
+            peers: Some(peers),
+            ..self
+        }
+    }
+
+    /// Within the transaction changing the user `id`: tells the replicas' caches.
+    async fn announce(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        id: &str,
+    ) -> Result<(), sqlx::Error> {
+        match &self.peers {
+            Some(_) => contract::peers::announce(tx, USERS, id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// After that transaction committed: waits until the replicas' caches have dropped the
+    /// old row.
+    async fn settle(&self) {
+        if let Some(peers) = &self.peers {
+            peers.settle().await;
+        }
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -235,6 +273,9 @@ impl DirectoryStore for SqlStore {
                 .execute(&mut *tx)
                 .await?;
         if updated.rows_affected() == 0 {
+            drop(tx);
+            drop(_turn);
+            self.settle().await; // as in delete_user
             return Err(StoreError::UserNotFound);
         }
         if global_admins(&mut tx, directory_id).await? == 0 {
@@ -247,7 +288,10 @@ impl DirectoryStore for SqlStore {
         .fetch_one(&mut *tx)
         .await?;
         let user = user_from_row(&row)?;
+        self.announce(&mut tx, user_id).await?;
         tx.commit().await?;
+        drop(_turn);
+        self.settle().await;
         Ok(user)
     }
 
@@ -268,6 +312,11 @@ impl DirectoryStore for SqlStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some(roles) = roles else {
+            // Perhaps deleted by a call that has not answered yet: answer only once every
+            // replica's cache has let the user go.
+            drop(tx);
+            drop(_turn);
+            self.settle().await;
             return Err(StoreError::UserNotFound);
         };
         if only_without_roles && !RoleSet::from_bits(roles).is_empty() {
@@ -281,7 +330,10 @@ impl DirectoryStore for SqlStore {
         if global_admins(&mut tx, directory_id).await? == 0 {
             return Err(StoreError::LastGlobalAdministrator);
         }
+        self.announce(&mut tx, user_id).await?;
         tx.commit().await?;
+        drop(_turn);
+        self.settle().await;
         Ok(())
     }
 }
