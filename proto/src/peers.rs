@@ -13,40 +13,40 @@
 //!   connection the lease is renewed *from that sending time*, and only if the row has not
 //!   expired. So a renewal proves the connection delivers, and a holder lagging behind its
 //!   notifications holds no lease past what it had handled when the heartbeat was sent. A
-//!   holder whose row expired or was revoked registers afresh, which empties its cache.
+//!   holder whose row expired (or is gone) registers afresh, which empties its cache.
 //! - **Writing.** The write's transaction calls `pg_notify('cache_invalidations',
 //!   'inval:<kind>:<key>')` ([`announce`]), so the notification exists if and only if the
-//!   write committed. After the commit the writer deletes expired rows (under their row locks,
-//!   so a renewal in flight either lands first or finds no row), reads the holders, sends a
-//!   fence (`fence:<token>`) and waits until each has acknowledged it on `cache_acks`, or its
-//!   row has expired (deleted the same way when due). After a second without an answer it
-//!   sends another fence (an acknowledgement may have been lost with its own listening
-//!   connection); after [`REVOKE_AFTER`] it deletes the silent holders' rows and waits one
-//!   [`LEASE`], by which time their own clocks have ended their leases. PostgreSQL delivers
-//!   notifications in commit order, and a holder handles them in order, so one that
-//!   acknowledges a fence has dropped the row. A call that finds its change already made
-//!   (a cancelled subscription, a missing user) fences too before it answers: the change may
-//!   be another call's, not yet confirmed.
+//!   write committed. After the commit the writer reads the holders, sends a fence
+//!   (`fence:<token>`) and waits until each has acknowledged it on `cache_acks` (sending
+//!   another fence after a second of silence, in case an acknowledgement was lost with its
+//!   own listening connection), but never longer than [`SAFE_AFTER`]: by then no holder can
+//!   still hold a lease covering a copy older than the write (see [`Peers::settle`]).
+//!   PostgreSQL delivers notifications in commit order, and a holder handles them in order,
+//!   so one that acknowledges a fence has dropped the row. A call that finds its change
+//!   already made (a cancelled subscription, a missing user) fences too before it answers:
+//!   the change may be another call's, not yet confirmed. Rows that expired more than a
+//!   lease ago are deleted by writers; nothing a writer decides rests on the database's clock.
 //! - **Losing the connection** (a restart, a terminated backend, a network cut, or a listening
 //!   connection silent for a lease): the holder empties its cache and stops answering from it
 //!   at once, deletes its row and registers again.
 //!
-//! Assumed: the database's wall clock does not step forward by more than [`MARGIN`] (NTP slews
-//! it); a step would let a writer take a live lease for expired.
+//! Clocks: a holder's lease and a writer's wait are measured by each process's monotonic clock
+//! (their rates must agree within the slack of [`SAFE_AFTER`]); the database's clock only
+//! decides when a row has expired, for renewals and for removing the rows of replicas gone.
 //!
 //! Fills follow [`crate::cache::OwnedCache`]'s protocol; on top of it an invalidation from a
 //! peer moves the cache's epoch like a local write does, and becoming valid after a
 //! registration empties the cache and moves the epoch too, so nothing read before the
 //! registration is kept.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use sqlx::AnyPool;
 use sqlx::postgres::PgListener;
-use sqlx::{AnyPool, Row as _};
 use tokio::sync::mpsc;
 
 /// How long a registration or renewal holds, by the database's clock.
@@ -57,8 +57,10 @@ pub const MARGIN: Duration = Duration::from_millis(500);
 pub const BEAT: Duration = Duration::from_millis(500);
 /// How long a writer waits for acknowledgements before it sends another fence.
 const REFENCE: Duration = Duration::from_secs(1);
-/// How long a writer waits for acknowledgements before it revokes the silent holders' leases.
-pub const REVOKE_AFTER: Duration = Duration::from_millis(2500);
+/// How long after a commit no lease can still cover a copy older than it (see
+/// [`Peers::settle`]), with some slack for clocks running at slightly different rates.
+pub const SAFE_AFTER: Duration = Duration::from_millis(2700);
+const _: () = assert!(SAFE_AFTER.as_millis() > LEASE.as_millis() - MARGIN.as_millis());
 /// The wait before connecting again after the listening connection failed.
 const RECONNECT: Duration = Duration::from_millis(200);
 
@@ -200,41 +202,48 @@ impl Peers {
     }
 
     /// After the commit of a write that [`announce`]d invalidations: returns once every replica
-    /// holding a cache has handled them or lost its lease. If the holders cannot be asked
-    /// (the database unreachable right after the commit), waits out a lease instead: by then
-    /// every holder has either handled the announcement or stopped answering.
+    /// holding a cache has acknowledged a fence sent after it, and in any case after
+    /// [`SAFE_AFTER`]. By then no replica can still answer from a copy older than the write:
+    /// a lease only grows from a heartbeat, and lasts until that heartbeat's sending time plus
+    /// `LEASE - MARGIN`; a heartbeat committed after the write reached its holder after the
+    /// announcement (notifications arrive in commit order), so a holder that has not handled
+    /// the announcement holds at most a lease from a heartbeat sent before the commit.
     pub async fn settle(&self) {
-        if let Err(err) = self.fence().await {
-            tracing::warn!(error = %err, "cannot confirm cache invalidations; waiting out the lease");
-            tokio::time::sleep(LEASE + Duration::from_millis(100)).await;
+        let started = Instant::now();
+        let deadline = started + SAFE_AFTER;
+        match tokio::time::timeout_at(deadline.into(), self.fence()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "cannot ask the cache holders; waiting out their leases");
+                tokio::time::sleep_until(deadline.into()).await;
+            }
+            Err(_) => {
+                tracing::warn!("a cache holder did not acknowledge; its lease has run out by now");
+            }
         }
+        metrics::histogram!("cache_fence_seconds").record(started.elapsed().as_secs_f64());
     }
 
-    /// Call after committing a write that [`announce`]d invalidations: returns once every
-    /// replica that holds a cache has handled them, or lost its lease.
-    pub async fn fence(&self) -> Result<(), sqlx::Error> {
+    /// Sends a fence and waits until every registered holder has acknowledged it (bounded by
+    /// [`Peers::settle`]).
+    async fn fence(&self) -> Result<(), sqlx::Error> {
         let shared = &self.shared;
-        // Expired rows go first, each under its row lock: a renewal in flight either commits
-        // first (the row stays and is waited for below) or then finds no row (its holder
-        // registers afresh, emptying its cache).
+        // Rows that expired more than a lease ago belong to replicas that are gone (or have
+        // registered afresh); the rest are waited for, whatever their expiry says, so that
+        // nothing here depends on the database's clock.
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM cache_holders WHERE expires_at <= {NOW_US}"
+            "DELETE FROM cache_holders WHERE expires_at <= {NOW_US} - $1"
         )))
+        .bind(LEASE.as_micros() as i64)
         .execute(&shared.pool)
         .await?;
-        let holders = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT holder, expires_at - {NOW_US} AS left_us FROM cache_holders"
-        )))
-        .fetch_all(&shared.pool)
-        .await?;
-        if holders.is_empty() {
+        let mut pending: HashSet<String> = sqlx::query_scalar("SELECT holder FROM cache_holders")
+            .fetch_all(&shared.pool)
+            .await?
+            .into_iter()
+            .collect();
+        if pending.is_empty() {
             return Ok(());
-        }
-        let mut pending = HashMap::with_capacity(holders.len());
-        for row in &holders {
-            let holder: String = row.try_get("holder")?;
-            let left_us: i64 = row.try_get("left_us")?;
-            pending.insert(holder, expiry_in(left_us));
         }
         let (acks, mut acked) = mpsc::unbounded_channel();
         let mut fences = Fences {
@@ -242,87 +251,23 @@ impl Peers {
             tokens: Vec::new(),
         };
         fences.send(&shared.pool, &acks).await?;
-        let started = Instant::now();
-        let mut last_fence = started;
+        let mut last_fence = Instant::now();
         while !pending.is_empty() {
-            let soonest = pending.values().min().copied().unwrap_or_else(Instant::now);
-            let wake = soonest
-                .min(last_fence + REFENCE)
-                .min(started + REVOKE_AFTER);
             tokio::select! {
                 ack = acked.recv() => {
                     if let Some(holder) = ack {
                         pending.remove(&holder);
                     }
                 }
-                () = tokio::time::sleep_until(wake.into()) => {
-                    if started.elapsed() >= REVOKE_AFTER {
-                        self.revoke(pending.keys()).await?;
-                        break;
-                    }
-                    self.expire_due(&mut pending).await?;
-                    if last_fence.elapsed() >= REFENCE && !pending.is_empty() {
-                        // An acknowledgement may have been lost with this process's own
-                        // listening connection: ask again (any fence acknowledged will do,
-                        // each comes after the announcement).
-                        fences.send(&shared.pool, &acks).await?;
-                        last_fence = Instant::now();
-                    }
+                () = tokio::time::sleep_until((last_fence + REFENCE).into()) => {
+                    // An acknowledgement may have been lost with this process's own listening
+                    // connection: ask again (any fence acknowledged will do, each comes after
+                    // the announcement).
+                    fences.send(&shared.pool, &acks).await?;
+                    last_fence = Instant::now();
                 }
             }
         }
-        metrics::histogram!("cache_fence_seconds").record(started.elapsed().as_secs_f64());
-        Ok(())
-    }
-
-    /// Holders of `pending` whose lease should have run out by now: deleted if it has (under
-    /// the row lock, so a renewal cannot slip in), else waited for until their new expiry.
-    async fn expire_due(&self, pending: &mut HashMap<String, Instant>) -> Result<(), sqlx::Error> {
-        let now = Instant::now();
-        let due: Vec<String> = pending
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(h, _)| h.clone())
-            .collect();
-        for holder in due {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM cache_holders WHERE holder = $1 AND expires_at <= {NOW_US}"
-            )))
-            .bind(&holder)
-            .execute(&self.shared.pool)
-            .await?;
-            let left: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT expires_at - {NOW_US} FROM cache_holders WHERE holder = $1"
-            )))
-            .bind(&holder)
-            .fetch_optional(&self.shared.pool)
-            .await?;
-            match left {
-                // Renewed meanwhile: its acknowledgement is coming, or its lease runs out.
-                Some(left_us) => {
-                    pending.insert(holder, expiry_in(left_us));
-                }
-                None => {
-                    pending.remove(&holder);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes the leases of holders that stay silent (a hung process, or acknowledgements that
-    /// cannot reach this one), then waits until their own clocks have ended them: a holder's
-    /// lease never reaches past [`LEASE`] from now, and without its row it cannot renew (it
-    /// registers afresh, emptying its cache).
-    async fn revoke(&self, holders: impl Iterator<Item = &String>) -> Result<(), sqlx::Error> {
-        for holder in holders {
-            tracing::warn!(%holder, "a cache holder did not acknowledge; revoking its lease");
-            sqlx::query("DELETE FROM cache_holders WHERE holder = $1")
-                .bind(holder)
-                .execute(&self.shared.pool)
-                .await?;
-        }
-        tokio::time::sleep(LEASE).await;
         Ok(())
     }
 
@@ -343,12 +288,6 @@ impl Peers {
                 .await;
         }
     }
-}
-
-/// When a lease with `left_us` microseconds left runs out, with a millisecond to spare.
-fn expiry_in(left_us: i64) -> Instant {
-    let left = Duration::from_micros(u64::try_from(left_us).unwrap_or(0));
-    Instant::now() + left + Duration::from_millis(1)
 }
 
 /// The fences one writer sent; their tokens leave the waiting map when it is dropped.
@@ -418,17 +357,20 @@ async fn session(shared: &Arc<Shared>) -> Result<(), sqlx::Error> {
     let holder = if shared.caches().is_empty() {
         None
     } else {
-        let sent = Instant::now();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO cache_holders (holder, expires_at) VALUES ($1, {NOW_US} + $2)"
-        )))
-        .bind(&id)
-        .bind(LEASE.as_micros() as i64)
-        .execute(&mut listener)
-        .await?;
+        // Known before the row exists, so that whoever stops this task deletes it.
         if let Ok(mut slot) = shared.holder.lock() {
             *slot = Some(id.clone());
         }
+        let sent = Instant::now();
+        bounded(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO cache_holders (holder, expires_at) VALUES ($1, {NOW_US} + $2)"
+            )))
+            .bind(&id)
+            .bind(LEASE.as_micros() as i64)
+            .execute(&mut listener),
+        )
+        .await?;
         // Nothing read before the registration may be kept.
         for (_, cache) in shared.caches() {
             cache.clear();
@@ -469,32 +411,49 @@ async fn session(shared: &Arc<Shared>) -> Result<(), sqlx::Error> {
             }
         } else if let Some(token) = payload.strip_prefix("fence:") {
             // Everything committed before the fence was handled above: acknowledge it.
-            sqlx::query("SELECT pg_notify('cache_acks', $1)")
-                .bind(format!("{token} {holder}"))
-                .execute(&mut listener)
-                .await?;
+            bounded(
+                sqlx::query("SELECT pg_notify('cache_acks', $1)")
+                    .bind(format!("{token} {holder}"))
+                    .execute(&mut listener),
+            )
+            .await?;
         } else if let Some(beat) = payload.strip_prefix("beat:")
             && let Some(beat) = Beat::parse(beat)
             && beat.id == holder
         {
             // Renewed from when the heartbeat was *sent*: a holder that lags behind its
             // notifications holds no lease past what it had handled by then.
-            let renewed = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE cache_holders SET expires_at = $2 + $3 \
-                 WHERE holder = $1 AND expires_at > {NOW_US}"
-            )))
-            .bind(holder)
-            .bind(beat.database_us)
-            .bind(LEASE.as_micros() as i64)
-            .execute(&mut listener)
+            let renewed = bounded(
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE cache_holders SET expires_at = $2 + $3 \
+                     WHERE holder = $1 AND expires_at > {NOW_US}"
+                )))
+                .bind(holder)
+                .bind(beat.database_us)
+                .bind(LEASE.as_micros() as i64)
+                .execute(&mut listener),
+            )
             .await?;
             if renewed.rows_affected() != 1 {
-                // The lease ran out or was revoked: register afresh (emptying the cache).
+                // The lease ran out (or the row is gone): register afresh, emptying the cache.
                 return Ok(());
             }
             shared.lease.extend_to(beat.sent + LEASE - MARGIN);
         }
     }
+}
+
+/// A statement on the listening connection, given no longer than its silence may last: a
+/// connection cut without a word would otherwise hold it until TCP gives up.
+async fn bounded<T>(
+    statement: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(LEASE, statement).await.map_err(|_| {
+        sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the listening connection stopped answering",
+        ))
+    })?
 }
 
 /// A heartbeat as it comes back: `beat:<id>:<sent, ns after the lease's base>:<database

@@ -312,11 +312,11 @@ async fn a_writer_waits_out_a_holder_that_does_not_acknowledge() {
     a.stop().await;
 }
 
-/// A holder that keeps its lease alive but never acknowledges (a hung cache task whose
-/// heartbeat still renews, acknowledgements lost on the way) cannot hold writers for ever: they
-/// revoke its lease and wait out the rest of it.
+/// A holder row that keeps being renewed but never acknowledges (acknowledgements lost on the
+/// way) cannot hold writers for ever: they stop waiting once no lease can still cover the old
+/// row (`contract::peers::SAFE_AFTER` after the commit), never before.
 #[tokio::test]
-async fn a_writer_revokes_a_holder_that_renews_but_never_acknowledges() {
+async fn a_writer_stops_waiting_for_a_silent_holder_once_no_lease_can_cover_the_old_row() {
     let Some(db) = TestDb::postgres().await else {
         return;
     };
@@ -353,19 +353,14 @@ async fn a_writer_revokes_a_holder_that_renews_but_never_acknowledges() {
     tokio::time::timeout(Duration::from_secs(15), change)
         .await
         .expect("the writer must not wait for ever")
-        .expect("acknowledged once the zombie's lease was revoked and ran out");
+        .expect("acknowledged once no lease can cover the old row");
     let waited = started.elapsed();
     zombie.abort();
     assert!(
-        waited >= Duration::from_secs(2),
-        "acknowledged after {waited:?}: a live lease was not waited for"
+        waited >= Duration::from_millis(2500),
+        "acknowledged after {waited:?}, while a lease could still cover the old row"
     );
-    assert!(waited < Duration::from_secs(9), "waited {waited:?}");
-    assert_eq!(
-        sql(&db.url, "DELETE FROM cache_holders WHERE holder = 'zombie'").await,
-        0,
-        "the zombie's lease was revoked"
-    );
+    assert!(waited < Duration::from_secs(6), "waited {waited:?}");
     a.stop().await;
 }
 
