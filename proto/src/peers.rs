@@ -24,15 +24,18 @@
 //!   PostgreSQL delivers notifications in commit order, and a holder handles them in order,
 //!   so one that acknowledges a fence has dropped the row. A call that finds its change
 //!   already made (a cancelled subscription, a missing user) fences too before it answers:
-//!   the change may be another call's, not yet confirmed. Rows that expired more than a
-//!   lease ago are deleted by writers; nothing a writer decides rests on the database's clock.
+//!   the change may be another call's, not yet confirmed. Rows that expired more than
+//!   [`FORGET_AFTER`] ago are deleted by writers.
 //! - **Losing the connection** (a restart, a terminated backend, a network cut, or a listening
 //!   connection silent for a lease): the holder empties its cache and stops answering from it
 //!   at once, deletes its row and registers again.
 //!
-//! Clocks: a holder's lease and a writer's wait are measured by each process's monotonic clock
-//! (their rates must agree within the slack of [`SAFE_AFTER`]); the database's clock only
-//! decides when a row has expired, for renewals and for removing the rows of replicas gone.
+//! Assumed about clocks: a holder's lease and a writer's wait are measured by each process's
+//! monotonic clock, whose rates must agree within the slack of [`SAFE_AFTER`], and which must
+//! not stop while the rest of the world goes on (a suspended machine or a paused VM holding a
+//! cache must not resume and answer before its listener has caught up); the database's clock
+//! decides when a row has expired, for renewals and for forgetting the rows of replicas gone,
+//! and must not step forward by more than `FORGET_AFTER - LEASE` (27 s).
 //!
 //! Fills follow [`crate::cache::OwnedCache`]'s protocol; on top of it an invalidation from a
 //! peer moves the cache's epoch like a local write does, and becoming valid after a
@@ -61,6 +64,9 @@ const REFENCE: Duration = Duration::from_secs(1);
 /// [`Peers::settle`]), with some slack for clocks running at slightly different rates.
 pub const SAFE_AFTER: Duration = Duration::from_millis(2700);
 const _: () = assert!(SAFE_AFTER.as_millis() > LEASE.as_millis() - MARGIN.as_millis());
+/// How long after its expiry a holder's row is deleted by writers (until then a writer waits
+/// [`SAFE_AFTER`] for a holder that died without withdrawing).
+pub const FORGET_AFTER: Duration = Duration::from_secs(30);
 /// The wait before connecting again after the listening connection failed.
 const RECONNECT: Duration = Duration::from_millis(200);
 
@@ -228,13 +234,14 @@ impl Peers {
     /// [`Peers::settle`]).
     async fn fence(&self) -> Result<(), sqlx::Error> {
         let shared = &self.shared;
-        // Rows that expired more than a lease ago belong to replicas that are gone (or have
-        // registered afresh); the rest are waited for, whatever their expiry says, so that
-        // nothing here depends on the database's clock.
+        // Rows that expired long ago belong to replicas that are gone (or have registered
+        // afresh); the rest are waited for, whatever their expiry says. Only a forward step of
+        // the database's clock by more than FORGET_AFTER - LEASE could mistake a live row for
+        // one of those.
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DELETE FROM cache_holders WHERE expires_at <= {NOW_US} - $1"
         )))
-        .bind(LEASE.as_micros() as i64)
+        .bind(FORGET_AFTER.as_micros() as i64)
         .execute(&shared.pool)
         .await?;
         let mut pending: HashSet<String> = sqlx::query_scalar("SELECT holder FROM cache_holders")
