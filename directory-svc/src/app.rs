@@ -59,18 +59,18 @@ impl Application {
         if let Some(peers) = &peers {
             store = store.with_peers(peers.clone());
         }
-        let store: Arc<dyn DirectoryStore> = match (&ownership, &peers, config.cache_entries) {
-            (_, _, 0) => Arc::new(store),
-            (Some(_), _, entries) => Arc::new(CachedStore::new(Arc::new(store), entries)),
-            (None, Some(peers), entries) => {
-                let cached = CachedStore::leased(Arc::new(store), entries, peers.lease());
-                peers.start(cached.peer_caches());
-                Arc::new(cached)
-            }
-            (None, None, _) => Arc::new(store),
+        // A cache when this process owns its SQLite file, or under a lease on PostgreSQL.
+        let lease = peers.as_ref().map(|peers| peers.lease());
+        let caching = config.cache_entries > 0 && (ownership.is_some() || lease.is_some());
+        let (store, caches): (Arc<dyn DirectoryStore>, _) = if caching {
+            let cached = CachedStore::new(Arc::new(store), config.cache_entries, lease);
+            let caches = cached.peer_caches();
+            (Arc::new(cached), caches)
+        } else {
+            (Arc::new(store), Vec::new())
         };
         if let Some(peers) = &peers {
-            peers.start(Vec::new()); // no-op when the cache started it
+            peers.start(caches);
         }
         let service = Service::new(
             store,

@@ -51,21 +51,18 @@ impl<V: Clone> OwnedCache<V> {
     /// A cache of at most `capacity` entries (when full, it starts over empty), for a process
     /// that owns its database.
     pub fn new(capacity: usize) -> Self {
+        Self::with_lease(capacity, None)
+    }
+
+    /// The same, answering only while `lease` (if any) is valid: a database shared with other
+    /// replicas, see [`crate::peers`].
+    pub fn with_lease(capacity: usize, lease: Option<Arc<Lease>>) -> Self {
         Self {
             map: DashMap::new(),
             epoch: AtomicU64::new(0),
             writing: AtomicUsize::new(0),
             capacity: capacity.max(1),
-            lease: None,
-        }
-    }
-
-    /// A cache that answers only while `lease` is valid (a database shared with other
-    /// replicas; see [`crate::peers`]).
-    pub fn leased(capacity: usize, lease: Arc<Lease>) -> Self {
-        Self {
-            lease: Some(lease),
-            ..Self::new(capacity)
+            lease,
         }
     }
 

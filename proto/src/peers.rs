@@ -191,7 +191,7 @@ impl Peers {
     }
 
     /// Starts listening. With `caches` (kind, cache; built on [`Peers::lease`]), this process
-    /// holds a lease for them; without, it only fences its own writes. Once only.
+    /// holds a lease for them; without, it only fences its own writes. Later calls do nothing.
     pub fn start(&self, caches: Vec<(String, Arc<dyn Invalidate>)>) {
         if self.shared.caches.set(caches).is_err() {
             return;

@@ -29,6 +29,24 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// Terminates every connection other sessions hold to the PostgreSQL database at `url`.
+pub async fn terminate_connections_to(url: &str) {
+    let name = url.rsplit('/').next().expect("database name").to_owned();
+    use sqlx::Connection as _;
+    let mut admin = sqlx::PgConnection::connect(&postgres_admin_url())
+        .await
+        .expect("admin connection");
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate the service's connections");
+    assert!(!terminated.is_empty(), "the services hold connections");
+}
+
 /// Whether PostgreSQL tests must run (CI=true): then an unreachable server fails the test
 /// instead of skipping it.
 fn postgres_required() -> bool {

@@ -6,7 +6,6 @@
 use integration_tests::contract::billing::v1 as bpb;
 use integration_tests::contract::directory::v1 as dpb;
 use integration_tests::*;
-use sqlx::Connection as _;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -241,23 +240,6 @@ async fn reads_survive_the_database_dropping_their_connections() {
         assert!(allowed);
     }
     server.stop().await;
-}
-
-/// Terminates every connection other sessions hold to the PostgreSQL database at `url`.
-async fn terminate_connections_to(url: &str) {
-    let name = url.rsplit('/').next().expect("database name").to_owned();
-    let mut admin = sqlx::PgConnection::connect(&postgres_admin_url())
-        .await
-        .expect("admin connection");
-    let terminated: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1 AND pid <> pg_backend_pid()",
-    )
-    .bind(&name)
-    .fetch_all(&mut admin)
-    .await
-    .expect("terminate the service's connections");
-    assert!(!terminated.is_empty(), "the service holds connections");
 }
 
 /// The group commit keeps its connection between batches too. When PostgreSQL drops it, a

@@ -243,16 +243,7 @@ async fn a_replica_that_loses_its_connection_stops_answering_from_memory() {
     .await;
     assert!(authorize(&mut on_b, &token).await.expect("warm B").allowed);
 
-    let name = db.url.rsplit('/').next().expect("database name").to_owned();
-    let terminated = sql(
-        &postgres_admin_url(),
-        &format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = '{name}' AND pid <> pg_backend_pid()"
-        ),
-    )
-    .await;
-    assert!(terminated > 0, "the replicas hold connections");
+    terminate_connections_to(&db.url).await;
     // A removes the role while B is reconnecting: B missed the announcement, so it must not
     // keep the copy it held before it lost its connection.
     through_unavailable!(

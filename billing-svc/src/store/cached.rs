@@ -24,20 +24,13 @@ pub struct CachedStore {
 }
 
 impl CachedStore {
-    /// Caches up to `entries` subscriptions in front of `inner`.
-    pub fn new(inner: Arc<dyn BillingStore>, entries: usize) -> Self {
+    /// Caches up to `entries` subscriptions in front of `inner`; with a `lease` (PostgreSQL),
+    /// only while it is valid: register [`CachedStore::peer_caches`] with the peers that hold
+    /// it.
+    pub fn new(inner: Arc<dyn BillingStore>, entries: usize, lease: Option<Arc<Lease>>) -> Self {
         Self {
             inner,
-            subscriptions: Arc::new(OwnedCache::new(entries)),
-        }
-    }
-
-    /// The same, answering only while `lease` is valid (PostgreSQL); register
-    /// [`CachedStore::peer_caches`] with the peers that hold it.
-    pub fn leased(inner: Arc<dyn BillingStore>, entries: usize, lease: Arc<Lease>) -> Self {
-        Self {
-            inner,
-            subscriptions: Arc::new(OwnedCache::leased(entries, lease)),
+            subscriptions: Arc::new(OwnedCache::with_lease(entries, lease)),
         }
     }
 

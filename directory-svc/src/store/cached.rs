@@ -28,22 +28,14 @@ pub struct CachedStore {
 }
 
 impl CachedStore {
-    /// Caches up to `entries` users and as many directories in front of `inner`.
-    pub fn new(inner: Arc<dyn DirectoryStore>, entries: usize) -> Self {
+    /// Caches up to `entries` users and as many directories in front of `inner`; with a
+    /// `lease` (PostgreSQL), only while it is valid: register [`CachedStore::peer_caches`] with
+    /// the peers that hold it.
+    pub fn new(inner: Arc<dyn DirectoryStore>, entries: usize, lease: Option<Arc<Lease>>) -> Self {
         Self {
             inner,
-            users: Arc::new(OwnedCache::new(entries)),
-            directories: Arc::new(OwnedCache::new(entries)),
-        }
-    }
-
-    /// The same, answering only while `lease` is valid (PostgreSQL); register
-    /// [`CachedStore::peer_caches`] with the peers that hold it.
-    pub fn leased(inner: Arc<dyn DirectoryStore>, entries: usize, lease: Arc<Lease>) -> Self {
-        Self {
-            inner,
-            users: Arc::new(OwnedCache::leased(entries, lease.clone())),
-            directories: Arc::new(OwnedCache::leased(entries, lease)),
+            users: Arc::new(OwnedCache::with_lease(entries, lease.clone())),
+            directories: Arc::new(OwnedCache::with_lease(entries, lease)),
         }
     }
 
