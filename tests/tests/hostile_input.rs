@@ -1631,47 +1631,58 @@ fn unb64(text: &str) -> Vec<u8> {
         .expect("base64url")
 }
 
-/// Forged tokens for `victim` in `directory_id`, from a genuine token of the same server.
-fn forged_tokens(genuine: &str, victim: &str, directory_id: &str) -> Vec<(&'static str, String)> {
-    let parts: Vec<&str> = genuine.split('.').collect();
-    assert_eq!(parts.len(), 3, "a JWT");
+/// Forged tokens, made from `genuine` (the token of a user without roles) to pass for
+/// `victim` (a Global Administrator of the same directory) or for `stranger` (one of another
+/// directory), each `(user id, directory id)`. The layout is directory-svc's (tokens.rs):
+/// version, user, directory, expiry, then the tag over them.
+fn forged_tokens(
+    genuine: &str,
+    victim: (&str, &str),
+    stranger: (&str, &str),
+) -> Vec<(&'static str, String)> {
+    let raw = unb64(genuine);
+    assert_eq!(raw.len(), 57, "a compact access token: {genuine}");
+    let id = |text: &str| *uuid::Uuid::parse_str(text).expect("a UUID").as_bytes();
+    let with = |changes: &[(std::ops::Range<usize>, &[u8])]| {
+        let mut forged = raw.clone();
+        for (range, bytes) in changes {
+            forged[range.clone()].copy_from_slice(bytes);
+        }
+        b64(&forged)
+    };
     let now = contract::time::now_micros() / 1_000_000;
+    let next_year = (now + 366 * 86_400).to_be_bytes();
+    // JWTs with no signature, naming the victim (what tokens of other services look like).
     let claims = format!(
-        r#"{{"iss":"directory-svc","sub":"{victim}","tid":"{directory_id}","iat":{now},"exp":{},"jti":"{}"}}"#,
-        now + 600,
-        uuid::Uuid::new_v4()
+        r#"{{"iss":"directory-svc","sub":"{}","tid":"{}","iat":{now},"exp":{}}}"#,
+        victim.0,
+        victim.1,
+        now + 600
     );
     let none = b64(br#"{"alg":"none","typ":"JWT"}"#);
-    let none_lower = b64(br#"{"alg":"None","typ":"JWT"}"#);
-    let hs512 = b64(br#"{"alg":"HS512","typ":"JWT"}"#);
-    let rs256 = b64(br#"{"alg":"RS256","typ":"JWT"}"#);
     let payload = b64(claims.as_bytes());
-    // The genuine payload with the subject swapped, under the genuine signature.
-    let mut swapped: serde_json::Value =
-        serde_json::from_slice(&unb64(parts[1])).expect("JSON claims");
-    swapped["sub"] = serde_json::Value::String(victim.to_owned());
-    let swapped = b64(swapped.to_string().as_bytes());
     vec![
-        ("alg none, no signature", format!("{none}.{payload}.")),
-        ("alg none, no third part", format!("{none}.{payload}")),
-        ("alg None", format!("{none_lower}.{payload}.")),
         (
-            "alg none, genuine signature",
-            format!("{none}.{}.{}", parts[1], parts[2]),
+            "another user under the genuine tag",
+            with(&[(1..17, &id(victim.0))]),
         ),
         (
-            "alg HS512, genuine signature",
-            format!("{hs512}.{}.{}", parts[1], parts[2]),
+            "another tenant's user and directory under the genuine tag",
+            with(&[(1..17, &id(stranger.0)), (17..33, &id(stranger.1))]),
         ),
         (
-            "alg RS256, genuine signature",
-            format!("{rs256}.{}.{}", parts[1], parts[2]),
+            "a later expiry under the genuine tag",
+            with(&[(33..41, &next_year)]),
         ),
+        ("another format version", with(&[(0..1, &[2])])),
+        ("tag zeroed", with(&[(41..57, &[0; 16])])),
+        ("tag removed", b64(&raw[..41])),
+        ("tag cut to 64 bits", b64(&raw[..49])),
+        ("a JWT with alg none", format!("{none}.{payload}.")),
         (
-            "another subject under the genuine signature",
-            format!("{}.{swapped}.{}", parts[0], parts[2]),
+            "a JWT with alg none, no third part",
+            format!("{none}.{payload}"),
         ),
-        ("signature removed", format!("{}.{}.", parts[0], parts[1])),
         ("tampered", tamper(genuine)),
     ]
 }
@@ -1775,10 +1786,11 @@ async fn every_invalid_token_is_unauthenticated_with_one_generic_answer(backend:
         ),
         ("of a deleted user".into(), gone_token.clone()),
     ];
+    let (_, plain_token) = add_user(&mut w.dir, &w.contoso, "plain", &[]).await;
     for (label, token) in forged_tokens(
-        &w.contoso.token,
-        &w.contoso.admin.id,
-        &w.contoso.directory.id,
+        &plain_token,
+        (&w.contoso.admin.id, &w.contoso.directory.id),
+        (&w.fabrikam.admin.id, &w.fabrikam.directory.id),
     ) {
         tokens.push((format!("forged: {label}"), token));
     }
