@@ -75,10 +75,11 @@ impl Tokens {
     }
 
     /// A token for `subject`, and when it expires (seconds since the epoch). Fails only if an
-    /// id is not a UUID, which no id this service creates is.
+    /// id is not a UUID in its lowercase hyphenated form, which every id this service creates
+    /// is (so the id a token carries reads back exactly as stored).
     pub fn issue(&self, subject: &TokenSubject, now_secs: i64) -> anyhow::Result<(String, i64)> {
-        let user = uuid::Uuid::parse_str(&subject.user_id)?;
-        let directory = uuid::Uuid::parse_str(&subject.directory_id)?;
+        let user = canonical_uuid(&subject.user_id)?;
+        let directory = canonical_uuid(&subject.directory_id)?;
         let exp = now_secs.saturating_add(i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX));
         let mut raw = [0u8; RAW_LEN];
         raw[0] = VERSION;
@@ -90,9 +91,9 @@ impl Tokens {
         Ok((URL_SAFE_NO_PAD.encode(raw), exp))
     }
 
-    /// The subject of `token`, if it is ours, intact and unexpired at `now_secs` (a token is
-    /// valid up to and including its expiry second).
-    pub fn verify_at(&self, token: &str, now_secs: i64) -> Option<TokenSubject> {
+    /// The subject of `token`, if it is ours, intact and unexpired at `now_micros`: a token is
+    /// valid strictly before its expiry (the `expire_time` SignIn answered with).
+    pub fn verify_at(&self, token: &str, now_micros: i64) -> Option<TokenSubject> {
         if token.len() != ENCODED_LEN {
             return None;
         }
@@ -107,7 +108,7 @@ impl Tokens {
             .verify_truncated_left(&raw[BODY_LEN..])
             .ok()?;
         let exp = i64::from_be_bytes(raw[33..41].try_into().ok()?);
-        if exp < now_secs {
+        if now_micros >= exp.saturating_mul(1_000_000) {
             return None;
         }
         let user = uuid::Uuid::from_slice(&raw[1..17]).ok()?;
@@ -120,8 +121,17 @@ impl Tokens {
 
     /// The subject of `token`, if it is ours, intact and unexpired now.
     pub fn verify(&self, token: &str) -> Option<TokenSubject> {
-        self.verify_at(token, contract::time::now_micros() / 1_000_000)
+        self.verify_at(token, contract::time::now_micros())
     }
+}
+
+fn canonical_uuid(id: &str) -> anyhow::Result<uuid::Uuid> {
+    let parsed = uuid::Uuid::parse_str(id)?;
+    anyhow::ensure!(
+        parsed.hyphenated().to_string() == id,
+        "not a lowercase hyphenated UUID"
+    );
+    Ok(parsed)
 }
 
 #[cfg(test)]
@@ -142,9 +152,10 @@ mod tests {
     #[test]
     fn issued_tokens_verify_and_foreign_ones_do_not() {
         let tokens = Tokens::new(&[1; 32], Duration::from_secs(60));
-        let (token, exp) = tokens.issue(&subject(), now()).expect("issue");
+        let issued_at = now();
+        let (token, exp) = tokens.issue(&subject(), issued_at).expect("issue");
         assert_eq!(token.len(), ENCODED_LEN);
-        assert_eq!(exp, now() + 60);
+        assert_eq!(exp, issued_at + 60);
         assert_eq!(tokens.verify(&token), Some(subject()));
         let other = Tokens::new(&[2; 32], Duration::from_secs(60));
         assert_eq!(other.verify(&token), None);
@@ -153,12 +164,12 @@ mod tests {
     }
 
     #[test]
-    fn tokens_expire_after_their_last_second() {
+    fn tokens_expire_at_their_expire_time() {
         let tokens = Tokens::new(&[1; 32], Duration::from_secs(60));
         let (token, exp) = tokens.issue(&subject(), 1_000).expect("issue");
         assert_eq!(exp, 1_060);
-        assert_eq!(tokens.verify_at(&token, 1_060), Some(subject()));
-        assert_eq!(tokens.verify_at(&token, 1_061), None);
+        assert_eq!(tokens.verify_at(&token, 1_059_999_999), Some(subject()));
+        assert_eq!(tokens.verify_at(&token, 1_060_000_000), None);
         let (old, _) = tokens.issue(&subject(), now() - 3600).expect("issue");
         assert_eq!(tokens.verify(&old), None);
     }
@@ -200,13 +211,44 @@ mod tests {
     }
 
     #[test]
-    fn ids_that_are_not_uuids_are_not_issued() {
+    fn ids_that_are_not_canonical_uuids_are_not_issued() {
         let tokens = Tokens::new(&[1; 32], Duration::from_secs(60));
-        let subject = TokenSubject {
-            user_id: "u".into(),
-            directory_id: "d".into(),
-        };
-        assert!(tokens.issue(&subject, now()).is_err());
+        let good = subject();
+        for (user_id, directory_id) in [
+            ("u".to_owned(), good.directory_id.clone()),
+            (good.user_id.clone(), "d".to_owned()),
+            (good.user_id.to_uppercase(), good.directory_id.clone()),
+            (good.user_id.replace('-', ""), good.directory_id.clone()),
+            (format!("{{{}}}", good.user_id), good.directory_id.clone()),
+        ] {
+            let subject = TokenSubject {
+                user_id,
+                directory_id,
+            };
+            assert!(tokens.issue(&subject, now()).is_err(), "{subject:?}");
+        }
+    }
+
+    /// Bodies the verifier must refuse even under a genuine tag of this key: it checks more
+    /// than the MAC.
+    #[test]
+    fn only_version_1_is_accepted() {
+        let tokens = Tokens::new(&[1; 32], Duration::from_secs(60));
+        let (token, _) = tokens.issue(&subject(), now()).expect("issue");
+        let mut raw = URL_SAFE_NO_PAD.decode(&token).expect("base64");
+        raw[0] = 2;
+        let tag = tokens.tag(&raw[..BODY_LEN]).finalize().into_bytes();
+        raw[BODY_LEN..].copy_from_slice(&tag[..TAG_LEN]);
+        assert_eq!(tokens.verify(&URL_SAFE_NO_PAD.encode(&raw)), None);
+    }
+
+    #[test]
+    fn a_zero_tag_is_refused_whatever_the_expiry() {
+        let tokens = Tokens::new(&[0; 32], Duration::from_secs(60));
+        let mut raw = [0u8; RAW_LEN];
+        raw[0] = VERSION;
+        raw[33..41].copy_from_slice(&i64::MAX.to_be_bytes());
+        assert_eq!(tokens.verify(&URL_SAFE_NO_PAD.encode(raw)), None);
     }
 }
 
