@@ -192,14 +192,13 @@ impl Service {
                 return Err(Error::BadCredentials);
             }
         };
-        let now_secs = contract::time::now_micros() / 1_000_000;
         let subject = TokenSubject {
             user_id: user.id.clone(),
             directory_id: user.directory_id.clone(),
         };
         let (access_token, exp) = self
             .tokens
-            .issue(&subject, now_secs)
+            .issue(&subject, contract::time::now_micros())
             .map_err(Error::Internal)?;
         Ok(SignedIn {
             access_token,

@@ -74,13 +74,16 @@ impl Tokens {
         mac
     }
 
-    /// A token for `subject`, and when it expires (seconds since the epoch). Fails only if an
-    /// id is not a UUID in its lowercase hyphenated form, which every id this service creates
-    /// is (so the id a token carries reads back exactly as stored).
-    pub fn issue(&self, subject: &TokenSubject, now_secs: i64) -> anyhow::Result<(String, i64)> {
+    /// A token for `subject` issued at `now_micros`, and when it expires (seconds since the
+    /// epoch): the TTL counted from the next whole second, so a token lives at least its TTL.
+    /// Fails only if an id is not a UUID in its lowercase hyphenated form, which every id this
+    /// service creates is (so the id a token carries reads back exactly as stored).
+    pub fn issue(&self, subject: &TokenSubject, now_micros: i64) -> anyhow::Result<(String, i64)> {
         let user = canonical_uuid(&subject.user_id)?;
         let directory = canonical_uuid(&subject.directory_id)?;
-        let exp = now_secs.saturating_add(i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX));
+        let from_secs =
+            now_micros.div_euclid(1_000_000) + i64::from(now_micros.rem_euclid(1_000_000) > 0);
+        let exp = from_secs.saturating_add(i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX));
         let mut raw = [0u8; RAW_LEN];
         raw[0] = VERSION;
         raw[1..17].copy_from_slice(user.as_bytes());
@@ -146,16 +149,14 @@ mod tests {
     }
 
     fn now() -> i64 {
-        contract::time::now_micros() / 1_000_000
+        contract::time::now_micros()
     }
 
     #[test]
     fn issued_tokens_verify_and_foreign_ones_do_not() {
         let tokens = Tokens::new(&[1; 32], Duration::from_secs(60));
-        let issued_at = now();
-        let (token, exp) = tokens.issue(&subject(), issued_at).expect("issue");
+        let (token, _) = tokens.issue(&subject(), now()).expect("issue");
         assert_eq!(token.len(), ENCODED_LEN);
-        assert_eq!(exp, issued_at + 60);
         assert_eq!(tokens.verify(&token), Some(subject()));
         let other = Tokens::new(&[2; 32], Duration::from_secs(60));
         assert_eq!(other.verify(&token), None);
@@ -164,13 +165,24 @@ mod tests {
     }
 
     #[test]
-    fn tokens_expire_at_their_expire_time() {
+    fn tokens_live_at_least_their_ttl_and_expire_at_their_expire_time() {
         let tokens = Tokens::new(&[1; 32], Duration::from_secs(60));
-        let (token, exp) = tokens.issue(&subject(), 1_000).expect("issue");
+        // Issued on a whole second: exactly the TTL.
+        let (token, exp) = tokens.issue(&subject(), 1_000_000_000).expect("issue");
         assert_eq!(exp, 1_060);
         assert_eq!(tokens.verify_at(&token, 1_059_999_999), Some(subject()));
         assert_eq!(tokens.verify_at(&token, 1_060_000_000), None);
-        let (old, _) = tokens.issue(&subject(), now() - 3600).expect("issue");
+        // Issued just before a second ends: counted from the next one, never less than the TTL.
+        let (token, exp) = tokens.issue(&subject(), 999_999_999).expect("issue");
+        assert_eq!(exp, 1_060);
+        assert_eq!(tokens.verify_at(&token, 1_059_999_999), Some(subject()));
+        let (token, exp) = tokens.issue(&subject(), 1_000_000_001).expect("issue");
+        assert_eq!(exp, 1_061);
+        assert_eq!(tokens.verify_at(&token, 1_060_000_001), Some(subject()));
+        assert_eq!(tokens.verify_at(&token, 1_061_000_000), None);
+        let (old, _) = tokens
+            .issue(&subject(), now() - 3_600_000_000)
+            .expect("issue");
         assert_eq!(tokens.verify(&old), None);
     }
 
@@ -202,7 +214,7 @@ mod tests {
         let body = b64.encode(
             format!(
                 r#"{{"iss":"directory-svc","sub":"u","tid":"d","iat":0,"exp":{}}}"#,
-                now() + 600
+                now() / 1_000_000 + 600
             )
             .as_bytes(),
         );
