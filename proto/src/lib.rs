@@ -5,6 +5,7 @@
 //! - [`fields`]: the field rules the contract states once for both services (display names,
 //!   ids, page sizes), as pure functions returning [`fields::Violation`]s.
 //! - [`paging`]: opaque, tamper-evident page tokens bound to a list, a scope and a filter.
+//! - [`mac`]: the domain-bound, truncated HMAC-SHA256 tags page and access tokens carry.
 //! - [`rpc`]: turning a service's error into a `tonic::Status` with `ErrorInfo` and
 //!   `BadRequest`, and the server plumbing (health, reflection, per-RPC spans, shutdown).
 //! - [`db`]: opening the service's own database (embedded SQLite or PostgreSQL) with the same
@@ -23,6 +24,7 @@ pub mod db;
 pub mod fields;
 pub mod launch;
 pub mod limits;
+pub mod mac;
 pub mod metrics;
 pub mod paging;
 pub mod peers;

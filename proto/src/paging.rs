@@ -7,13 +7,9 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 
-type HmacSha256 = hmac::Hmac<sha2::Sha256>;
-
-/// Bytes of the MAC kept in a token: 128 bits.
-const TAG_LEN: usize = 16;
+use crate::mac::TagKey;
 
 /// Why a page token was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -41,7 +37,7 @@ struct Payload {
 /// Issues and checks page tokens under one secret.
 #[derive(Clone)]
 pub struct PageTokens {
-    key: Vec<u8>,
+    key: TagKey,
 }
 
 impl std::fmt::Debug for PageTokens {
@@ -54,17 +50,8 @@ impl PageTokens {
     /// `secret` should be at least 32 random bytes kept by the service.
     pub fn new(secret: &[u8]) -> Self {
         Self {
-            key: secret.to_vec(),
+            key: TagKey::new(secret, b"page-token:v1:"),
         }
-    }
-
-    fn tag(&self, payload: &[u8]) -> HmacSha256 {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(b"page-token:v1:");
-        mac.update(payload);
-        mac
     }
 
     /// A token for the page after `last_key`.
@@ -77,10 +64,10 @@ impl PageTokens {
         };
         // Serializing a struct of strings to JSON cannot fail.
         let json = serde_json::to_vec(&payload).unwrap_or_default();
-        let tag = self.tag(&json).finalize().into_bytes();
+        let tag = self.key.tag(&json);
         let mut out = URL_SAFE_NO_PAD.encode(&json);
         out.push('.');
-        out.push_str(&URL_SAFE_NO_PAD.encode(&tag[..TAG_LEN]));
+        out.push_str(&URL_SAFE_NO_PAD.encode(tag));
         out
     }
 
@@ -100,12 +87,9 @@ impl PageTokens {
         let tag = URL_SAFE_NO_PAD
             .decode(tag)
             .map_err(|_| PageTokenError::Invalid)?;
-        if tag.len() != TAG_LEN {
+        if !self.key.verify(&json, &tag) {
             return Err(PageTokenError::Invalid);
         }
-        self.tag(&json)
-            .verify_truncated_left(&tag)
-            .map_err(|_| PageTokenError::Invalid)?;
         let payload: Payload =
             serde_json::from_slice(&json).map_err(|_| PageTokenError::Invalid)?;
         if payload.l != list || payload.s != scope {

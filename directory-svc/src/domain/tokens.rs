@@ -22,14 +22,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{KeyInit, Mac};
-
-type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+use contract::mac::{TAG_LEN, TagKey};
 
 const VERSION: u8 = 1;
 const BODY_LEN: usize = 1 + 16 + 16 + 8;
-/// Bytes of the MAC kept in a token: 128 bits, as in page tokens.
-const TAG_LEN: usize = 16;
 const RAW_LEN: usize = BODY_LEN + TAG_LEN;
 /// Characters of an encoded token (base64 without padding: 4 per 3 bytes, rounded up).
 const ENCODED_LEN: usize = (RAW_LEN * 4).div_ceil(3);
@@ -46,8 +42,7 @@ pub struct TokenSubject {
 /// Issues and verifies access tokens.
 #[derive(Clone)]
 pub struct Tokens {
-    /// The MAC keyed once, with the domain already absorbed; cloned per token.
-    keyed: HmacSha256,
+    key: TagKey,
     ttl: Duration,
 }
 
@@ -61,17 +56,10 @@ impl std::fmt::Debug for Tokens {
 
 impl Tokens {
     pub fn new(secret: &[u8], ttl: Duration) -> Self {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut keyed = <HmacSha256 as KeyInit>::new_from_slice(secret)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        keyed.update(DOMAIN);
-        Self { keyed, ttl }
-    }
-
-    fn tag(&self, body: &[u8]) -> HmacSha256 {
-        let mut mac = self.keyed.clone();
-        mac.update(body);
-        mac
+        Self {
+            key: TagKey::new(secret, DOMAIN),
+            ttl,
+        }
     }
 
     /// A token for `subject` issued at `now_micros`, and when it expires (seconds since the
@@ -89,8 +77,8 @@ impl Tokens {
         raw[1..17].copy_from_slice(user.as_bytes());
         raw[17..33].copy_from_slice(directory.as_bytes());
         raw[33..41].copy_from_slice(&exp.to_be_bytes());
-        let tag = self.tag(&raw[..BODY_LEN]).finalize().into_bytes();
-        raw[BODY_LEN..].copy_from_slice(&tag[..TAG_LEN]);
+        let tag = self.key.tag(&raw[..BODY_LEN]);
+        raw[BODY_LEN..].copy_from_slice(&tag);
         Ok((URL_SAFE_NO_PAD.encode(raw), exp))
     }
 
@@ -107,9 +95,9 @@ impl Tokens {
         if written != RAW_LEN || raw[0] != VERSION {
             return None;
         }
-        self.tag(&raw[..BODY_LEN])
-            .verify_truncated_left(&raw[BODY_LEN..])
-            .ok()?;
+        if !self.key.verify(&raw[..BODY_LEN], &raw[BODY_LEN..]) {
+            return None;
+        }
         let exp = i64::from_be_bytes(raw[33..41].try_into().ok()?);
         if now_micros >= exp.saturating_mul(1_000_000) {
             return None;
@@ -249,8 +237,8 @@ mod tests {
         let (token, _) = tokens.issue(&subject(), now()).expect("issue");
         let mut raw = URL_SAFE_NO_PAD.decode(&token).expect("base64");
         raw[0] = 2;
-        let tag = tokens.tag(&raw[..BODY_LEN]).finalize().into_bytes();
-        raw[BODY_LEN..].copy_from_slice(&tag[..TAG_LEN]);
+        let tag = tokens.key.tag(&raw[..BODY_LEN]);
+        raw[BODY_LEN..].copy_from_slice(&tag);
         assert_eq!(tokens.verify(&URL_SAFE_NO_PAD.encode(&raw)), None);
     }
 
