@@ -9,7 +9,7 @@ use contract::db::{Engine, HeldConnection, WriteGate};
 use contract::peers::Peers;
 use sqlx::any::AnyRow;
 use sqlx::pool::PoolConnection;
-use sqlx::{Any, AnyPool, AssertSqlSafe, Connection as _, Row as _};
+use sqlx::{Any, AnyPool, AssertSqlSafe, Row as _};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{BillingStore, StoreError};
@@ -262,41 +262,44 @@ async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiv
     }
 }
 
-/// The ids of the rows of `batch` that were inserted, in one transaction. The batch goes in
-/// as statements of 256, 128, ... 2, 1 rows (37 purchases: 32 + 4 + 1), so each connection
-/// caches at most nine prepared statements rather than one per batch size.
+/// The ids of the rows of `batch` that were inserted, by one statement (its own transaction).
+/// The statement has [`statement_rows`] rows: the batch, then its last row repeated, which
+/// conflicts with itself on the primary key and is skipped. So the connection caches at most
+/// sixteen prepared statements, whatever the batch sizes, and a batch is always one round trip
+/// to the database (no BEGIN and COMMIT of their own).
 async fn insert_batch(
     conn: &mut PoolConnection<Any>,
     batch: &[Pending],
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut inserted = HashSet::with_capacity(batch.len());
-    if batch.len().is_power_of_two() {
-        // One statement is its own transaction.
-        for row in insert_rows(batch).fetch_all(&mut **conn).await? {
-            inserted.insert(row.try_get::<String, _>("id")?);
-        }
-        return Ok(inserted);
+    let statement = insert_rows(batch, statement_rows(batch.len()));
+    for row in statement.fetch_all(&mut **conn).await? {
+        inserted.insert(row.try_get::<String, _>("id")?);
     }
-    let mut tx = conn.begin().await?;
-    let mut rest = batch;
-    while !rest.is_empty() {
-        let size = 1 << rest.len().ilog2();
-        let (chunk, tail) = rest.split_at(size);
-        for row in insert_rows(chunk).fetch_all(&mut *tx).await? {
-            inserted.insert(row.try_get::<String, _>("id")?);
-        }
-        rest = tail;
-    }
-    tx.commit().await?;
     Ok(inserted)
 }
 
-/// `INSERT ... VALUES (...), (...) ON CONFLICT DO NOTHING RETURNING id` for `chunk`.
+/// The rows of the statement that inserts `n` purchases: the smallest of 1, 2, 3, 4, 6, 8, 12,
+/// 16, ... (powers of two and one and a half times them) that holds them.
+fn statement_rows(n: usize) -> usize {
+    let mut size = 1;
+    while size < n {
+        if size >= 2 && size + size / 2 >= n {
+            return size + size / 2;
+        }
+        size *= 2;
+    }
+    size
+}
+
+/// `INSERT ... VALUES (...), (...) ON CONFLICT DO NOTHING RETURNING id` of `rows` rows: those
+/// of `chunk`, then its last one repeated.
 fn insert_rows(
     chunk: &[Pending],
+    rows: usize,
 ) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
     let mut sql = format!("INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ");
-    for row in 0..chunk.len() {
+    for row in 0..rows {
         sql.push_str(if row == 0 { "(" } else { ", (" });
         for column in 0..13 {
             if column > 0 {
@@ -308,7 +311,12 @@ fn insert_rows(
     }
     sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
     let mut query = sqlx::query(AssertSqlSafe(sql));
-    for pending in chunk {
+    let repeats = chunk
+        .last()
+        .into_iter()
+        .cycle()
+        .take(rows.saturating_sub(chunk.len()));
+    for pending in chunk.iter().chain(repeats) {
         let s = &pending.subscription;
         let (request_id, fingerprint) = pending
             .request
@@ -331,4 +339,95 @@ fn insert_rows(
             .bind(s.offer.free_trial.then(|| s.created_by_user_id.clone()));
     }
     query
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_go_in_as_one_of_sixteen_statement_sizes() {
+        let sizes: Vec<usize> = (1..=13).map(statement_rows).collect();
+        assert_eq!(sizes, [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]);
+        let mut shapes: Vec<usize> = (1..=MAX_BATCH).map(statement_rows).collect();
+        shapes.dedup();
+        assert_eq!(
+            shapes,
+            [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+        );
+        assert!((1..=MAX_BATCH).all(|n| statement_rows(n) >= n));
+    }
+
+    /// A purchase for [`insert_batch`] (no caller waits for its outcome).
+    fn purchase(n: usize, request_id: &str) -> Pending {
+        Pending {
+            subscription: Subscription {
+                id: uuid::Uuid::now_v7().to_string(),
+                offer: offers::find("office365-e3").expect("a known offer"),
+                display_name: format!("purchase {n}"),
+                directory_id: "directory".into(),
+                owner_user_id: None,
+                seats: 1,
+                state: State::Active,
+                created_by_user_id: "buyer".into(),
+                create_time: i64::try_from(n).unwrap_or_default(),
+                cancel_time: None,
+            },
+            request: Some((request_id.to_owned(), "fingerprint".to_owned())),
+            done: oneshot::channel().0,
+        }
+    }
+
+    /// Every batch size from 1 to 13 pads its statement with repeats of its last row: each
+    /// purchase goes in once, the repeats add nothing, and a row the unique index refuses
+    /// (a request_id taken by the previous batch) is left out, as is its repeat when it is last.
+    #[tokio::test]
+    async fn a_padded_batch_inserts_each_purchase_once() {
+        let dir = std::env::temp_dir().join(format!("billing-pad-{}", uuid::Uuid::new_v4()));
+        let url = format!("sqlite://{}/b.db", dir.display());
+        let pool = contract::db::connect(&url, &contract::db::PoolSettings::default())
+            .await
+            .expect("opens");
+        MIGRATOR.run(&pool).await.expect("migrates");
+        let mut conn = pool.acquire().await.expect("a connection");
+        let mut taken = String::new();
+        let mut expected_rows = 0;
+        for size in 1..=13 {
+            let mut batch: Vec<Pending> = Vec::new();
+            for n in 0..size {
+                // The last purchase of each batch after the first reuses a request_id.
+                let request_id = if size > 1 && n == size - 1 {
+                    taken.clone()
+                } else {
+                    uuid::Uuid::new_v4().to_string()
+                };
+                batch.push(purchase(n, &request_id));
+            }
+            let inserted = insert_batch(&mut conn, &batch).await.expect("inserts");
+            let fresh = if size > 1 { size - 1 } else { size };
+            assert_eq!(inserted.len(), fresh, "batch of {size}");
+            for pending in &batch[..fresh] {
+                assert!(
+                    inserted.contains(&pending.subscription.id),
+                    "batch of {size}"
+                );
+            }
+            if let Some((request_id, _)) = &batch[0].request {
+                taken.clone_from(request_id);
+            }
+            expected_rows += fresh;
+            let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM subscriptions")
+                .fetch_one(&mut *conn)
+                .await
+                .expect("counts");
+            assert_eq!(
+                rows,
+                i64::try_from(expected_rows).unwrap_or_default(),
+                "batch of {size}"
+            );
+        }
+        drop(conn);
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
