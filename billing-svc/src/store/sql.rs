@@ -48,6 +48,23 @@ const MAX_BATCH: usize = 256;
 const SELECT_COLUMNS: &str = "id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
      created_by_user_id, create_time, cancel_time";
 
+/// A page of a directory's subscriptions (index `subscriptions_by_directory`): directory,
+/// then the keyset (create_time, id) to start after, then the page size.
+const LIST_IN_DIRECTORY: &str = "SELECT id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
+     created_by_user_id, create_time, cancel_time FROM subscriptions \
+     WHERE directory_id = $1 AND (create_time > $2 OR (create_time = $2 AND id > $3)) \
+     ORDER BY create_time, id LIMIT $4";
+
+/// A page of the subscriptions a user owns in a directory (index `subscriptions_by_owner`,
+/// which holds only owned rows: `owner_user_id = $1` implies it is not NULL), so a user with
+/// a few subscriptions in a large directory reads a few rows: owner, then as
+/// [`LIST_IN_DIRECTORY`].
+const LIST_OWNED: &str = "SELECT id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
+     created_by_user_id, create_time, cancel_time FROM subscriptions \
+     WHERE owner_user_id = $1 AND directory_id = $2 \
+     AND (create_time > $3 OR (create_time = $3 AND id > $4)) \
+     ORDER BY create_time, id LIMIT $5";
+
 const SUBSCRIPTION_COLUMNS: &str = "id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
      created_by_user_id, create_time, cancel_time, request_id, request_fingerprint, free_trial_user_id";
 
@@ -168,20 +185,17 @@ impl BillingStore for SqlStore {
         limit: u32,
     ) -> Result<Vec<Subscription>, StoreError> {
         let (after_time, after_id) = after.unwrap_or((i64::MIN, String::new()));
-        let rows = sqlx::query(
-            "SELECT id, offer_id, display_name, directory_id, owner_user_id, seats, state, created_by_user_id, \
-             create_time, cancel_time FROM subscriptions \
-             WHERE directory_id = $1 AND ($2 = '' OR owner_user_id = $2) \
-             AND (create_time > $3 OR (create_time = $3 AND id > $4)) \
-             ORDER BY create_time, id LIMIT $5",
-        )
-        .bind(directory_id)
-        .bind(owner.unwrap_or(""))
-        .bind(after_time)
-        .bind(after_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let query = match owner {
+            Some(owner) => sqlx::query(LIST_OWNED).bind(owner),
+            None => sqlx::query(LIST_IN_DIRECTORY),
+        };
+        let rows = query
+            .bind(directory_id)
+            .bind(after_time)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .iter()
             .map(subscription_from_row)
@@ -427,6 +441,137 @@ mod tests {
             );
         }
         drop(conn);
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    async fn sqlite_pool(name: &str) -> (AnyPool, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("billing-{name}-{}", uuid::Uuid::new_v4()));
+        let url = format!("sqlite://{}/b.db", dir.display());
+        let pool = contract::db::connect(&url, &contract::db::PoolSettings::default())
+            .await
+            .expect("opens");
+        (pool, dir)
+    }
+
+    /// A user's own list reads the owner index (not every subscription of the directory), and
+    /// an administrator's the directory index.
+    #[tokio::test]
+    async fn each_list_reads_its_index() {
+        let (pool, dir) = sqlite_pool("plan").await;
+        MIGRATOR.run(&pool).await.expect("migrates");
+        for (sql, index) in [
+            (LIST_OWNED, "subscriptions_by_owner"),
+            (LIST_IN_DIRECTORY, "subscriptions_by_directory"),
+        ] {
+            let plan: Vec<String> = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                .fetch_all(&pool)
+                .await
+                .expect("explains")
+                .iter()
+                .map(|row| row.try_get::<String, _>("detail").unwrap_or_default())
+                .collect();
+            assert!(
+                plan.iter()
+                    .any(|step| step.contains(&format!("USING INDEX {index}"))),
+                "{sql}: {plan:?}"
+            );
+        }
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Migration 3 rebuilds the table with sparse indexes: every row comes through unchanged,
+    /// and the one-free-trial-per-user rule still holds (while rows without a free trial, all
+    /// NULL there, do not collide).
+    #[tokio::test]
+    async fn the_sparse_index_migration_keeps_rows_and_rules() {
+        let (pool, dir) = sqlite_pool("migrate").await;
+        let apply = async |version: i64| {
+            let migration = MIGRATOR
+                .iter()
+                .find(|m| m.version == version)
+                .expect("a migration");
+            sqlx::raw_sql(AssertSqlSafe(migration.sql.as_str().to_owned()))
+                .execute(&pool)
+                .await
+                .expect("applies");
+        };
+        apply(1).await;
+        apply(2).await;
+        // id, offer, owner, creator, create_time, request_id, free trial of
+        type Row = (
+            &'static str,
+            &'static str,
+            Option<&'static str>,
+            &'static str,
+            i64,
+        );
+        let insert = async |(id, offer, owner, creator, time): Row,
+                            request: Option<&str>,
+                            trial: Option<&str>| {
+            sqlx::query(
+                "INSERT INTO subscriptions (id, offer_id, display_name, directory_id, owner_user_id, \
+                 seats, state, created_by_user_id, create_time, cancel_time, request_id, \
+                 request_fingerprint, free_trial_user_id) \
+                 VALUES ($1, $2, 'x', 'd', $3, 1, 1, $4, $5, NULL, $6, 'f', $7)",
+            )
+            .bind(id)
+            .bind(offer)
+            .bind(owner)
+            .bind(creator)
+            .bind(time)
+            .bind(request)
+            .bind(trial)
+            .execute(&pool)
+            .await
+        };
+        type Stored = (String, Option<String>, i64, Option<String>, Option<String>);
+        let read_all = async || -> Vec<Stored> {
+            sqlx::query_as(
+                "SELECT id, owner_user_id, create_time, request_id, free_trial_user_id \
+                 FROM subscriptions ORDER BY id",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("reads")
+        };
+        insert(("s1", "office365-e3", None, "u1", 10), Some("r1"), None)
+            .await
+            .expect("inserts");
+        insert(
+            ("s2", "azure-free-trial", Some("u1"), "u1", 11),
+            None,
+            Some("u1"),
+        )
+        .await
+        .expect("inserts");
+        insert(
+            ("s3", "azure-pay-as-you-go", Some("u2"), "u2", 12),
+            Some("r3"),
+            None,
+        )
+        .await
+        .expect("inserts");
+        let before = read_all().await;
+        apply(3).await;
+        let after = read_all().await;
+        assert_eq!(before.len(), 3);
+        assert_eq!(before, after);
+        let second_trial = insert(
+            ("s4", "azure-free-trial", Some("u1"), "u1", 13),
+            None,
+            Some("u1"),
+        )
+        .await
+        .expect_err("one free trial per user");
+        assert!(
+            contract::db::is_unique_violation(&second_trial),
+            "{second_trial}"
+        );
+        insert(("s5", "office365-e3", None, "u1", 14), Some("r5"), None)
+            .await
+            .expect("another subscription without a free trial");
         pool.close().await;
         let _ = std::fs::remove_dir_all(dir);
     }
