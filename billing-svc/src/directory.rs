@@ -2,9 +2,11 @@
 //! directory replica (one HTTP/2 connection per CPU, lazily connected, reconnecting by
 //! itself), round-robin over the replicas that are not marked down, a deadline on every call
 //! (the smaller of the caller's remaining deadline and the configured directory timeout), and
-//! retries only on UNAVAILABLE, which is safe because Authorize changes nothing. A replica
-//! that fails is marked down for a moment, so calls go to the others at once instead of
-//! waiting on it.
+//! retries of calls that got no answer (UNAVAILABLE, or UNKNOWN: the connection broke with the
+//! call on it), which is safe because Authorize changes nothing; with another replica up, any
+//! failure that is not an answer about the token or the request goes to it. A replica that
+//! fails is marked down for a moment, so calls go to the others at once instead of waiting
+//! on it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -225,21 +227,36 @@ impl Authorizer for GrpcDirectory {
             };
             match status.code() {
                 Code::Unauthenticated => return Err(Error::InvalidToken),
-                Code::Unavailable if self.another_is_up(replica) => {
-                    tracing::debug!(replica = %replica.url, "directory replica unavailable; trying another");
+                // No answer from this replica: refused, reset, or our call was on a connection
+                // that broke under it (a replica killed or restarted after we wrote the call
+                // but before it answered: tonic reports that as UNKNOWN "transport error", and
+                // an HTTP/2 reset as INTERNAL), or it is failing. Authorize changes nothing, so
+                // another replica may always take the call.
+                Code::Unavailable
+                | Code::Unknown
+                | Code::Internal
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                    if self.another_is_up(replica) =>
+                {
+                    tracing::debug!(
+                        replica = %replica.url,
+                        code = ?status.code(),
+                        message = status.message(),
+                        "directory replica failed; trying another"
+                    );
                     self.mark_down(replica);
                 }
-                Code::Unavailable if Instant::now() + backoff < deadline => {
+                // Alone: down, or the connection broke mid-call (it reconnects by itself).
+                Code::Unavailable | Code::Unknown if Instant::now() + backoff < deadline => {
                     self.mark_down(replica);
                     tracing::debug!(
                         backoff_ms = backoff.as_millis() as u64,
+                        code = ?status.code(),
                         "directory unavailable; retrying"
                     );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-                Code::DeadlineExceeded | Code::Cancelled if self.another_is_up(replica) => {
-                    self.mark_down(replica);
                 }
                 // Answers that mean our request or the contract is wrong: a bug to log.
                 code @ (Code::InvalidArgument

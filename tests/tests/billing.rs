@@ -1012,6 +1012,29 @@ async fn black_hole() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+/// Accepts HTTP/2 connections and closes each one as soon as a call arrives on it, unanswered:
+/// a directory replica killed (SIGKILL) after billing wrote a call onto its connection.
+async fn dies_mid_call() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut conn) = h2::server::handshake(socket).await
+                    && let Some(Ok(call)) = conn.accept().await
+                {
+                    // The socket closes first, so no RST_STREAM goes out: a bare FIN.
+                    drop(conn);
+                    drop(call);
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
 async fn a_hanging_directory_is_cut_off_at_the_deadline(backend: Backend) {
     let (addr, hole) = black_hole().await;
     let bdb = db_or_skip!(backend);
@@ -1222,6 +1245,24 @@ async fn a_hanging_directory_replica_is_routed_around(backend: Backend) {
     hole.abort();
 }
 
+async fn a_directory_replica_dying_mid_call_is_routed_around(backend: Backend) {
+    let Some(w) = world(backend).await else {
+        return;
+    };
+    let (dying_addr, dying) = dies_mid_call().await;
+    let bdb = db_or_skip!(backend);
+    let mut config = billing_config(&bdb, &format!("http://{dying_addr}"));
+    config.directory_urls.push(w.directory.url());
+    let billing = BillingServer::start_with(config).await;
+    let mut bill = billing.client().await;
+    for i in 0..6 {
+        bill.create_subscription(authed(buy("azure-pay-as-you-go", 0, ""), &w.contoso.token))
+            .await
+            .unwrap_or_else(|s| panic!("purchase {i} with a replica dying mid-call: {s:?}"));
+    }
+    dying.abort();
+}
+
 on_both_backends!(
     scenario_1_office_365_users_buy_azure,
     scenario_2_azure_users_buy_office_365,
@@ -1241,4 +1282,5 @@ on_both_backends!(
     authentication_comes_before_validation_and_retries_survive_role_loss,
     billing_pages_default_to_fifty_and_clamp,
     a_hanging_directory_replica_is_routed_around,
+    a_directory_replica_dying_mid_call_is_routed_around,
 );
