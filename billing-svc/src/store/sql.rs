@@ -312,19 +312,10 @@ fn insert_rows(
     chunk: &[Pending],
     rows: usize,
 ) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
-    let mut sql = format!("INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ");
-    for row in 0..rows {
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        for column in 0..13 {
-            if column > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!("${}", row * 13 + column + 1));
-        }
-        sql.push(')');
-    }
-    sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
-    let mut query = sqlx::query(AssertSqlSafe(sql));
+    let mut query = match insert_sql(rows) {
+        Some(sql) => sqlx::query(sql),
+        None => sqlx::query(AssertSqlSafe(build_insert_sql(rows))),
+    };
     let repeats = chunk
         .last()
         .into_iter()
@@ -355,6 +346,41 @@ fn insert_rows(
     query
 }
 
+/// The SQL of each of the sixteen statement shapes, written once rather than per batch (a
+/// batch of 256 would otherwise format 3,328 placeholders).
+fn insert_sql(rows: usize) -> Option<&'static str> {
+    static SHAPES: std::sync::OnceLock<Vec<(usize, String)>> = std::sync::OnceLock::new();
+    let shapes = SHAPES.get_or_init(|| {
+        let mut sizes: Vec<usize> = (1..=MAX_BATCH).map(statement_rows).collect();
+        sizes.dedup();
+        sizes
+            .into_iter()
+            .map(|n| (n, build_insert_sql(n)))
+            .collect()
+    });
+    shapes
+        .iter()
+        .find(|(n, _)| *n == rows)
+        .map(|(_, sql)| sql.as_str())
+}
+
+fn build_insert_sql(rows: usize) -> String {
+    use std::fmt::Write as _;
+    let mut sql = format!("INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ");
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..13 {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            let _ = write!(sql, "${}", row * 13 + column + 1);
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
+    sql
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +396,11 @@ mod tests {
             [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
         );
         assert!((1..=MAX_BATCH).all(|n| statement_rows(n) >= n));
+        for rows in shapes {
+            assert_eq!(insert_sql(rows), Some(build_insert_sql(rows).as_str()));
+        }
+        assert!(build_insert_sql(2).contains("($14, $15,"));
+        assert!(build_insert_sql(2).ends_with("$26) ON CONFLICT DO NOTHING RETURNING id"));
     }
 
     /// A purchase for [`insert_batch`] (no caller waits for its outcome).
