@@ -139,6 +139,10 @@ async fn metrics_logs_request_ids_and_traces() {
         "{b}"
     );
     assert!(b.contains("directory_client_request_seconds_bucket"), "{b}");
+    assert!(
+        sample(&b, "billing_purchase_commit_seconds_count").unwrap_or(0.0) >= 1.0,
+        "{b}"
+    );
     tokio::time::sleep(Duration::from_millis(2200)).await; // the pool gauges tick every 2 s
     let b = scrape(bport);
     assert!(

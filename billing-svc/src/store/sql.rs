@@ -243,6 +243,7 @@ async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiv
     // give it back (and have it pinged) after every commit.
     let mut held = HeldConnection::new(pool);
     while held.wait(queue.recv_many(&mut batch, MAX_BATCH)).await > 0 {
+        let started = std::time::Instant::now();
         let outcome = {
             let _turn = writers.enter().await;
             match held.get().await {
@@ -255,6 +256,10 @@ async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiv
             held.give_back();
         }
         metrics::histogram!("billing_purchase_batch_size").record(batch.len() as f64);
+        // The writers' turn (SQLite), then the statement and its commit: how long this
+        // batch's callers, and every purchase queued behind it, waited for the database.
+        metrics::histogram!("billing_purchase_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(inserted) => {
                 for pending in batch.drain(..) {
