@@ -1661,19 +1661,23 @@ fn forged_tokens(
     );
     let none = b64(br#"{"alg":"none","typ":"JWT"}"#);
     let payload = b64(claims.as_bytes());
-    // The victim's ids and a valid expiry, tagged exactly as a directory-svc does, under a key
-    // that is not this one's: what another deployment (or a guessed key) would issue.
-    let mut foreign = vec![1u8];
-    foreign.extend_from_slice(&id(victim.0));
-    foreign.extend_from_slice(&id(victim.1));
-    foreign.extend_from_slice(&(now + 600).to_be_bytes());
+    // The victim's ids and a valid expiry, issued by directory-svc's own token code under a
+    // key that is not this one's: what another deployment (or a guessed key) would issue.
     let other_key = *uuid::Uuid::new_v4().as_bytes();
-    let tag = contract::mac::TagKey::new(&other_key, b"access-token:v1:").tag(&foreign);
-    foreign.extend_from_slice(&tag);
+    let (foreign, _) =
+        directory_svc::domain::tokens::Tokens::new(&other_key, Duration::from_secs(600))
+            .issue(
+                &directory_svc::domain::tokens::TokenSubject {
+                    user_id: victim.0.to_owned(),
+                    directory_id: victim.1.to_owned(),
+                },
+                contract::time::now_micros(),
+            )
+            .expect("issues");
     vec![
         (
             "the victim's ids and a valid expiry under another key's tag",
-            b64(&foreign),
+            foreign,
         ),
         (
             "another user under the genuine tag",

@@ -356,9 +356,7 @@ fn insert_rows(
 fn insert_sql(rows: usize) -> Option<&'static str> {
     static SHAPES: std::sync::OnceLock<Vec<(usize, String)>> = std::sync::OnceLock::new();
     let shapes = SHAPES.get_or_init(|| {
-        let mut sizes: Vec<usize> = (1..=MAX_BATCH).map(statement_rows).collect();
-        sizes.dedup();
-        sizes
+        statement_shapes()
             .into_iter()
             .map(|n| (n, build_insert_sql(n)))
             .collect()
@@ -367,6 +365,13 @@ fn insert_sql(rows: usize) -> Option<&'static str> {
         .iter()
         .find(|(n, _)| *n == rows)
         .map(|(_, sql)| sql.as_str())
+}
+
+/// Every row count [`statement_rows`] gives for a batch of 1 to [`MAX_BATCH`], in order.
+fn statement_shapes() -> Vec<usize> {
+    let mut shapes: Vec<usize> = (1..=MAX_BATCH).map(statement_rows).collect();
+    shapes.dedup();
+    shapes
 }
 
 fn build_insert_sql(rows: usize) -> String {
@@ -394,8 +399,7 @@ mod tests {
     fn batches_go_in_as_one_of_sixteen_statement_sizes() {
         let sizes: Vec<usize> = (1..=13).map(statement_rows).collect();
         assert_eq!(sizes, [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]);
-        let mut shapes: Vec<usize> = (1..=MAX_BATCH).map(statement_rows).collect();
-        shapes.dedup();
+        let shapes = statement_shapes();
         assert_eq!(
             shapes,
             [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
@@ -433,11 +437,7 @@ mod tests {
     /// (a request_id taken by the previous batch) is left out, as is its repeat when it is last.
     #[tokio::test]
     async fn a_padded_batch_inserts_each_purchase_once() {
-        let dir = std::env::temp_dir().join(format!("billing-pad-{}", uuid::Uuid::new_v4()));
-        let url = format!("sqlite://{}/b.db", dir.display());
-        let pool = contract::db::connect(&url, &contract::db::PoolSettings::default())
-            .await
-            .expect("opens");
+        let (pool, dir) = sqlite_pool("pad").await;
         MIGRATOR.run(&pool).await.expect("migrates");
         let mut conn = pool.acquire().await.expect("a connection");
         let mut taken = String::new();
