@@ -1,12 +1,14 @@
 //! The client side of `directory.v1.DirectoryService.Authorize`: shared channels to each
 //! directory replica (one HTTP/2 connection per CPU, lazily connected, reconnecting by
-//! itself), round-robin over the replicas that are not marked down, a deadline on every call
+//! itself; see [`channel`]), round-robin over the replicas that are not marked down, a deadline on every call
 //! (the smaller of the caller's remaining deadline and the configured directory timeout), and
 //! retries of calls that got no answer (UNAVAILABLE, or UNKNOWN: the connection broke with the
 //! call on it), which is safe because Authorize changes nothing; with another replica up, any
 //! failure that is not an answer about the token or the request goes to it. A replica that
 //! fails is marked down for a moment, so calls go to the others at once instead of waiting
 //! on it.
+
+mod channel;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,7 +18,8 @@ use async_trait::async_trait;
 use contract::directory::v1 as dpb;
 use contract::directory::v1::directory_service_client::DirectoryServiceClient;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+
+use channel::{H2Channel, Target};
 
 use crate::domain::{Authorizer, CallContext, Caller, Check, Error, Result};
 
@@ -36,7 +39,7 @@ struct Replica {
     url: String,
     /// One HTTP/2 connection per CPU: a single connection's frames are all handled by one
     /// task under one lock, which becomes the bottleneck when every billing call makes one.
-    clients: Box<[DirectoryServiceClient<Channel>]>,
+    clients: Box<[DirectoryServiceClient<H2Channel>]>,
     next_client: AtomicUsize,
     /// Until when (milliseconds since `GrpcDirectory::epoch`) this replica is passed over.
     down_until_ms: AtomicU64,
@@ -44,7 +47,7 @@ struct Replica {
 
 impl Replica {
     /// The next of this replica's connections in turn.
-    fn client(&self) -> DirectoryServiceClient<Channel> {
+    fn client(&self) -> DirectoryServiceClient<H2Channel> {
         let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
         self.clients[i].clone()
     }
@@ -71,25 +74,21 @@ impl GrpcDirectory {
         let replicas = urls
             .iter()
             .map(|url| {
-                let endpoint = Endpoint::from_shared(url.clone())
-                    .map_err(|e| anyhow::anyhow!("invalid directory URL {url:?}: {e}"))?
-                    .connect_timeout(timeout)
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(20))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .keep_alive_while_idle(true);
-                let endpoint = match tls {
-                    Some(tls) => endpoint
-                        .tls_config(tls.config())
-                        .map_err(|e| anyhow::anyhow!("TLS towards {url}: {e}"))?,
-                    None => endpoint,
-                };
+                let origin: http::Uri = url
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("invalid directory URL {url:?}: {e}"))?;
+                let target = Target::parse(url, tls)?;
                 let connections =
                     std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
                 Ok(Replica {
                     url: url.clone(),
                     clients: (0..connections)
-                        .map(|_| DirectoryServiceClient::new(endpoint.connect_lazy()))
+                        .map(|_| {
+                            DirectoryServiceClient::with_origin(
+                                H2Channel::lazy(&target, timeout),
+                                origin.clone(),
+                            )
+                        })
                         .collect(),
                     next_client: AtomicUsize::new(0),
                     down_until_ms: AtomicU64::new(0),

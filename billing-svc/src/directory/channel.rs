@@ -1,0 +1,479 @@
+//! A gRPC channel to one directory replica over one HTTP/2 connection, driven through `h2`
+//! directly.
+//!
+//! tonic's `Channel` puts a `tower::Buffer` in front of hyper's client: every call is handed
+//! to the buffer's task, which hands it to hyper's connection task, which spawns a task per
+//! call to stream the request body. Billing makes one Authorize call for every call it
+//! answers, so each of those hand-offs (a task wake-up, often on the other core) is paid on
+//! every purchase and read. Here the calling task opens the stream itself, sends the whole
+//! (already encoded, one-message) request body with it, and reads the answer from the
+//! stream; the only other task is the one that drives the connection's socket.
+//!
+//! What the channel does besides: connects lazily on the first call (so billing starts while
+//! the directory is down), one connection attempt at a time, within a connect timeout;
+//! notices a connection that closed (GOAWAY, a reset, a failed keepalive ping) and opens a
+//! new one on the next call; waits for the server's stream limit; pings the server every 20 s
+//! and drops a connection that does not answer within 5 s; speaks TLS (ALPN h2, optionally
+//! with a client certificate) when configured.
+//!
+//! Errors that mean the call was never sent are `UNAVAILABLE` statuses; errors after it was
+//! sent are `h2` errors, which tonic maps to a status (a reset or a broken connection). The
+//! caller (`GrpcDirectory`) decides what to retry.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as _, Frame};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A cheap-to-clone handle on one replica's connection.
+#[derive(Clone)]
+pub struct H2Channel {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for H2Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Channel")
+            .field("address", &self.shared.address)
+            .field("tls", &self.shared.tls.is_some())
+            .finish()
+    }
+}
+
+struct Shared {
+    /// `host:port`, as the socket connects to it.
+    address: String,
+    tls: Option<Arc<Tls>>,
+    connect_timeout: Duration,
+    /// The connection calls go on, once one is open.
+    live: Mutex<Option<Live>>,
+    /// One connection attempt at a time; the callers waiting share its outcome.
+    connecting: tokio::sync::Mutex<()>,
+    /// How many connection attempts have failed; a caller that waited behind an attempt
+    /// that failed reports that failure instead of trying again at once.
+    failures: AtomicU64,
+}
+
+struct Tls {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+#[derive(Clone)]
+struct Live {
+    sender: h2::client::SendRequest<Bytes>,
+    /// Set by the connection's task when the connection has ended.
+    closed: Arc<AtomicBool>,
+}
+
+/// Where one replica is and how to reach it: its socket address and, for `https://`, the
+/// TLS settings (built once, shared by the replica's connections).
+#[derive(Clone)]
+pub struct Target {
+    address: String,
+    tls: Option<Arc<Tls>>,
+}
+
+impl Target {
+    /// From a directory URL, `http://host:port`, or `https://host:port` with `tls`.
+    pub fn parse(url: &str, tls: Option<&contract::launch::ClientTls>) -> anyhow::Result<Self> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("invalid directory URL {url:?}: {e}"))?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => anyhow::bail!("directory URL {url:?} must start with http:// or https://"),
+        };
+        let authority = uri
+            .authority()
+            .ok_or_else(|| anyhow::anyhow!("directory URL {url:?} has no host"))?;
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let host = authority.host();
+        let tls = match (https, tls) {
+            (true, Some(tls)) => Some(Arc::new(tls_connector(tls, host)?)),
+            (true, None) => anyhow::bail!(
+                "directory URL {url:?} is https:// but no TLS settings were given (--directory-ca)"
+            ),
+            (false, _) => None,
+        };
+        Ok(Self {
+            address: format!("{host}:{port}"),
+            tls,
+        })
+    }
+}
+
+impl H2Channel {
+    /// A channel that connects on its first call.
+    pub fn lazy(target: &Target, connect_timeout: Duration) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                address: target.address.clone(),
+                tls: target.tls.clone(),
+                connect_timeout,
+                live: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                failures: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+fn tls_connector(tls: &contract::launch::ClientTls, host: &str) -> anyhow::Result<Tls> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    if let Some(ca) = &tls.ca_pem {
+        for cert in CertificateDer::pem_slice_iter(ca) {
+            let cert = cert.map_err(|e| anyhow::anyhow!("the directory CA is not PEM: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| anyhow::anyhow!("the directory CA is not a valid certificate: {e}"))?;
+        }
+    }
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "TLS towards the directory needs a CA to trust (--directory-ca)"
+    );
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow::anyhow!("TLS towards the directory: {e}"))?
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("the client certificate is not PEM: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key)
+                .map_err(|e| anyhow::anyhow!("the client key is not PEM: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| anyhow::anyhow!("the client certificate and key: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let server_name = ServerName::try_from(host.to_owned())
+        .map_err(|e| anyhow::anyhow!("{host:?} is not a TLS server name: {e}"))?;
+    Ok(Tls {
+        connector: TlsConnector::from(Arc::new(config)),
+        server_name,
+    })
+}
+
+fn unavailable(message: String) -> BoxError {
+    Box::new(tonic::Status::unavailable(message))
+}
+
+impl Shared {
+    fn current(&self) -> Option<Live> {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        live.as_ref()
+            .filter(|l| !l.closed.load(Ordering::Acquire))
+            .cloned()
+    }
+
+    fn forget(&self, dead: &Live) {
+        dead.closed.store(true, Ordering::Release);
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if live
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(&l.closed, &dead.closed))
+        {
+            *live = None;
+        }
+    }
+
+    /// A sender ready to open a stream (the server's stream limit permitting).
+    async fn ready_sender(&self) -> Result<h2::client::SendRequest<Bytes>, BoxError> {
+        if let Some(live) = self.current() {
+            match live.sender.clone().ready().await {
+                Ok(sender) => return Ok(sender),
+                Err(_) => self.forget(&live),
+            }
+        }
+        let live = self.connect_once().await?;
+        match live.sender.clone().ready().await {
+            Ok(sender) => Ok(sender),
+            Err(e) => {
+                self.forget(&live);
+                Err(unavailable(format!(
+                    "the connection to {} closed: {e}",
+                    self.address
+                )))
+            }
+        }
+    }
+
+    /// The live connection, opening one if there is none.
+    async fn connect_once(&self) -> Result<Live, BoxError> {
+        let failures = self.failures.load(Ordering::Acquire);
+        let _turn = self.connecting.lock().await;
+        if let Some(live) = self.current() {
+            return Ok(live);
+        }
+        if self.failures.load(Ordering::Acquire) != failures {
+            return Err(unavailable(format!("cannot connect to {}", self.address)));
+        }
+        match tokio::time::timeout(self.connect_timeout, self.connect()).await {
+            Ok(Ok(live)) => {
+                *self.live.lock().unwrap_or_else(PoisonError::into_inner) = Some(live.clone());
+                Ok(live)
+            }
+            Ok(Err(e)) => {
+                self.failures.fetch_add(1, Ordering::AcqRel);
+                Err(unavailable(format!(
+                    "cannot connect to {}: {e}",
+                    self.address
+                )))
+            }
+            Err(_) => {
+                self.failures.fetch_add(1, Ordering::AcqRel);
+                Err(unavailable(format!(
+                    "connecting to {} took over {} ms",
+                    self.address,
+                    self.connect_timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Live, BoxError> {
+        let tcp = TcpStream::connect(&self.address).await?;
+        // Small frames (a call, a ping) must not wait for the peer's delayed ACK.
+        tcp.set_nodelay(true)?;
+        match &self.tls {
+            None => start(tcp).await,
+            Some(tls) => {
+                let stream = tls.connector.connect(tls.server_name.clone(), tcp).await?;
+                if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err("the directory did not agree to HTTP/2 (ALPN h2)".into());
+                }
+                start(stream).await
+            }
+        }
+    }
+}
+
+/// The HTTP/2 handshake, and a task that drives the connection until it ends.
+async fn start<T>(io: T) -> Result<Live, BoxError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, mut connection) = h2::client::Builder::new()
+        // The directory's answers are small; the defaults (64 KiB windows) are plenty, and
+        // no push, no resets kept for long.
+        .enable_push(false)
+        .handshake::<T, Bytes>(io)
+        .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let ping = connection.ping_pong();
+    let ended = closed.clone();
+    tokio::spawn(async move {
+        let outcome = drive(&mut connection, ping).await;
+        ended.store(true, Ordering::Release);
+        match outcome {
+            Ok(()) => tracing::debug!("directory connection closed"),
+            Err(e) => tracing::debug!(error = %e, "directory connection ended"),
+        }
+    });
+    Ok(Live { sender, closed })
+}
+
+/// Polls the connection (its socket's reads and writes) and pings the server every
+/// `KEEPALIVE_INTERVAL`; a ping not answered within `KEEPALIVE_TIMEOUT` ends it.
+async fn drive<T>(
+    connection: &mut h2::client::Connection<T, Bytes>,
+    ping: Option<h2::PingPong>,
+) -> Result<(), BoxError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(mut ping) = ping else {
+        return Ok(connection.await?);
+    };
+    loop {
+        tokio::select! {
+            ended = &mut *connection => return Ok(ended?),
+            () = tokio::time::sleep(KEEPALIVE_INTERVAL) => {}
+        }
+        let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque()));
+        tokio::select! {
+            ended = &mut *connection => return Ok(ended?),
+            answered = pong => match answered {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err("the directory did not answer a keepalive ping".into()),
+            },
+        }
+    }
+}
+
+/// Reads a request body to its end: for a unary call, the one encoded message.
+async fn collect(mut body: tonic::body::Body) -> Result<Bytes, BoxError> {
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        match &first {
+            None if rest.is_empty() => first = Some(data),
+            _ => {
+                if let Some(first) = first.take() {
+                    rest.extend_from_slice(&first);
+                }
+                rest.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| rest.freeze()))
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for H2Channel {
+    type Response = http::Response<H2Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness (a connection, a free stream) is awaited in the call itself, so a
+        // channel shared by many callers never holds a reservation for one of them.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let data = collect(body).await?;
+            let mut sender = shared.ready_sender().await?;
+            let head = http::Request::from_parts(parts, ());
+            let (response, mut stream) = sender.send_request(head, data.is_empty())?;
+            if !data.is_empty() {
+                stream.send_data(data, true)?;
+            }
+            let response = response.await?;
+            Ok(response.map(|recv| H2Body {
+                recv,
+                trailers: false,
+            }))
+        })
+    }
+}
+
+/// An answer's body: its data frames, then its trailers (where gRPC puts the status).
+#[derive(Debug)]
+pub struct H2Body {
+    recv: h2::RecvStream,
+    /// Whether the data is done and the trailers are next.
+    trailers: bool,
+}
+
+impl http_body::Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.trailers {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Give the window back as the data is taken, so long answers keep flowing.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => self.trailers = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use contract::directory::v1 as dpb;
+    use contract::directory::v1::directory_service_client::DirectoryServiceClient;
+
+    #[test]
+    fn targets_come_from_directory_urls() {
+        let plain = Target::parse("http://127.0.0.1:50051", None).expect("plain");
+        assert_eq!(plain.address, "127.0.0.1:50051");
+        assert!(plain.tls.is_none());
+        let default_port = Target::parse("http://directory", None).expect("no port");
+        assert_eq!(default_port.address, "directory:80");
+        let v6 = Target::parse("http://[::1]:7000", None).expect("IPv6");
+        assert_eq!(v6.address, "[::1]:7000");
+
+        let refused = |url: &str, tls: Option<&contract::launch::ClientTls>| {
+            Target::parse(url, tls)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(refused("ftp://host:1", None).contains("http://"));
+        assert!(refused("127.0.0.1:50051", None).contains("http://"));
+        assert!(refused("https://localhost:1", None).contains("--directory-ca"));
+        let no_ca = contract::launch::ClientTls {
+            ca_pem: None,
+            identity: None,
+        };
+        assert!(refused("https://localhost:1", Some(&no_ca)).contains("--directory-ca"));
+        let garbage = contract::launch::ClientTls {
+            ca_pem: Some(b"not a certificate".to_vec()),
+            identity: None,
+        };
+        assert!(refused("https://localhost:1", Some(&garbage)).contains("--directory-ca"));
+    }
+
+    /// Nothing listens: the call fails at once as UNAVAILABLE (never sent, safe to retry),
+    /// and the next call tries to connect again.
+    #[tokio::test]
+    async fn a_refused_connection_is_unavailable_and_tried_again() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        drop(listener);
+        let target = Target::parse(&url, None).expect("target");
+        let channel = H2Channel::lazy(&target, Duration::from_secs(1));
+        let mut client = DirectoryServiceClient::with_origin(channel, url.parse().expect("uri"));
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            let status = client
+                .authorize(dpb::AuthorizeRequest { action: 1 })
+                .await
+                .expect_err("nothing listens");
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("cannot connect"), "{status:?}");
+            assert!(started.elapsed() < Duration::from_secs(1));
+        }
+    }
+}
