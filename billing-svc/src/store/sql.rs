@@ -1,6 +1,5 @@
 //! [`BillingStore`] over sqlx's `Any` driver: one set of SQL for SQLite and PostgreSQL.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -231,7 +230,7 @@ impl BillingStore for SqlStore {
 }
 
 /// The group-commit loop: takes whatever purchases are queued (at least one, at most
-/// [`MAX_BATCH`]), inserts them with one `INSERT ... ON CONFLICT DO NOTHING RETURNING id`
+/// [`MAX_BATCH`]), inserts them with one `INSERT ... ON CONFLICT DO NOTHING`
 /// (its own transaction), and tells each caller whether its row went in. A row the unique
 /// indexes refused (a request_id or free trial taken, by an earlier call or a twin in the same
 /// batch) is [`StoreError::Conflict`] for that caller only; any other failure fails the batch.
@@ -261,9 +260,9 @@ async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiv
         metrics::histogram!("billing_purchase_commit_seconds")
             .record(started.elapsed().as_secs_f64());
         match outcome {
-            Ok(inserted) => {
-                for pending in batch.drain(..) {
-                    let result = if inserted.contains(&pending.subscription.id) {
+            Ok(went_in) => {
+                for (pending, went_in) in batch.drain(..).zip(went_in) {
+                    let result = if went_in {
                         Ok(())
                     } else {
                         Err(StoreError::Conflict)
@@ -281,21 +280,34 @@ async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiv
     }
 }
 
-/// The ids of the rows of `batch` that were inserted, by one statement (its own transaction).
+/// Which purchases of `batch` went in (in order), by one statement (its own transaction).
 /// The statement has [`statement_rows`] rows: the batch, then its last row repeated, which
 /// conflicts with itself on the primary key and is skipped. So the connection caches at most
 /// sixteen prepared statements, whatever the batch sizes, and a batch is always one round trip
 /// to the database (no BEGIN and COMMIT of their own).
+///
+/// The statement returns only its count of inserted rows, not their ids: one answer from the
+/// database instead of a row per purchase. When the count falls short (a request_id or a free
+/// trial was taken, which is rare), the ids are looked up; they are fresh UUIDs, so a row that
+/// has one is this statement's.
 async fn insert_batch(
     conn: &mut PoolConnection<Any>,
     batch: &[Pending],
-) -> Result<HashSet<String>, sqlx::Error> {
-    let mut inserted = HashSet::with_capacity(batch.len());
+) -> Result<Vec<bool>, sqlx::Error> {
     let statement = insert_rows(batch, statement_rows(batch.len()));
-    for row in statement.fetch_all(&mut **conn).await? {
-        inserted.insert(row.try_get::<String, _>("id")?);
+    let inserted = statement.execute(&mut **conn).await?.rows_affected();
+    if usize::try_from(inserted).is_ok_and(|n| n == batch.len()) {
+        return Ok(vec![true; batch.len()]);
     }
-    Ok(inserted)
+    let mut went_in = Vec::with_capacity(batch.len());
+    for pending in batch {
+        let found = sqlx::query("SELECT 1 FROM subscriptions WHERE id = $1")
+            .bind(pending.subscription.id.clone())
+            .fetch_optional(&mut **conn)
+            .await?;
+        went_in.push(found.is_some());
+    }
+    Ok(went_in)
 }
 
 /// The rows of the statement that inserts `n` purchases: the smallest of 1, 2, 3, 4, 6, 8, 12,
@@ -311,7 +323,7 @@ fn statement_rows(n: usize) -> usize {
     size
 }
 
-/// `INSERT ... VALUES (...), (...) ON CONFLICT DO NOTHING RETURNING id` of `rows` rows: those
+/// `INSERT ... VALUES (...), (...) ON CONFLICT DO NOTHING` of `rows` rows: those
 /// of `chunk`, then its last one repeated.
 fn insert_rows(
     chunk: &[Pending],
@@ -387,7 +399,7 @@ fn build_insert_sql(rows: usize) -> String {
         }
         sql.push(')');
     }
-    sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
+    sql.push_str(" ON CONFLICT DO NOTHING");
     sql
 }
 
@@ -409,7 +421,7 @@ mod tests {
             assert_eq!(insert_sql(rows), Some(build_insert_sql(rows).as_str()));
         }
         assert!(build_insert_sql(2).contains("($14, $15,"));
-        assert!(build_insert_sql(2).ends_with("$26) ON CONFLICT DO NOTHING RETURNING id"));
+        assert!(build_insert_sql(2).ends_with("$26) ON CONFLICT DO NOTHING"));
     }
 
     /// A purchase for [`insert_batch`] (no caller waits for its outcome).
@@ -453,15 +465,11 @@ mod tests {
                 };
                 batch.push(purchase(n, &request_id));
             }
-            let inserted = insert_batch(&mut conn, &batch).await.expect("inserts");
+            let went_in = insert_batch(&mut conn, &batch).await.expect("inserts");
             let fresh = if size > 1 { size - 1 } else { size };
-            assert_eq!(inserted.len(), fresh, "batch of {size}");
-            for pending in &batch[..fresh] {
-                assert!(
-                    inserted.contains(&pending.subscription.id),
-                    "batch of {size}"
-                );
-            }
+            let mut expected = vec![true; fresh];
+            expected.resize(size, false);
+            assert_eq!(went_in, expected, "batch of {size}");
             if let Some((request_id, _)) = &batch[0].request {
                 taken.clone_from(request_id);
             }
