@@ -202,17 +202,18 @@ impl Shared {
         }
     }
 
-    /// A sender ready to open a stream (the server's stream limit permitting).
-    async fn ready_sender(&self) -> Result<h2::client::SendRequest<Bytes>, BoxError> {
+    /// A sender ready to open a stream (the server's stream limit permitting), and the
+    /// connection it belongs to.
+    async fn ready_sender(&self) -> Result<(h2::client::SendRequest<Bytes>, Live), BoxError> {
         if let Some(live) = self.current() {
             match live.sender.clone().ready().await {
-                Ok(sender) => return Ok(sender),
+                Ok(sender) => return Ok((sender, live)),
                 Err(_) => self.forget(&live),
             }
         }
         let live = self.connect_once().await?;
         match live.sender.clone().ready().await {
-            Ok(sender) => Ok(sender),
+            Ok(sender) => Ok((sender, live)),
             Err(e) => {
                 self.forget(&live);
                 Err(unavailable(format!(
@@ -364,9 +365,21 @@ impl tower::Service<http::Request<tonic::body::Body>> for H2Channel {
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let data = collect(body).await?;
-            let mut sender = shared.ready_sender().await?;
+            let (mut sender, live) = shared.ready_sender().await?;
             let head = http::Request::from_parts(parts, ());
-            let (response, mut stream) = sender.send_request(head, data.is_empty())?;
+            // Refused before anything was sent (the server said GOAWAY since the sender was
+            // ready): the call is safe to make again, on a new connection.
+            let (response, mut stream) = match sender.send_request(head, data.is_empty()) {
+                Ok(opened) => opened,
+                Err(e) if e.is_go_away() || e.is_io() => {
+                    shared.forget(&live);
+                    return Err(unavailable(format!(
+                        "the connection to {} refused a new call: {e}",
+                        shared.address
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            };
             if !data.is_empty() {
                 stream.send_data(data, true)?;
             }
