@@ -12,13 +12,15 @@
 //! What the channel does besides: connects lazily on the first call (so billing starts while
 //! the directory is down), one connection attempt at a time, within a connect timeout;
 //! notices a connection that closed (GOAWAY, a reset, a failed keepalive ping) and opens a
-//! new one on the next call; waits for the server's stream limit; pings the server every 20 s
-//! and drops a connection that does not answer within 5 s; speaks TLS (ALPN h2, optionally
-//! with a client certificate) when configured.
+//! new one on the next call; pings the server every 20 s and drops a connection that does not
+//! answer within 5 s; speaks TLS (ALPN h2, optionally with a client certificate) when
+//! configured. Calls beyond the server's limit of concurrent streams wait in h2's queue until
+//! a stream closes (a tonic server sets no limit unless configured to).
 //!
-//! Errors that mean the call was never sent are `UNAVAILABLE` statuses; errors after it was
-//! sent are `h2` errors, which tonic maps to a status (a reset or a broken connection). The
-//! caller (`GrpcDirectory`) decides what to retry.
+//! Errors that mean the call was never sent or never processed (no connection, GOAWAY,
+//! REFUSED_STREAM) are `UNAVAILABLE` statuses; other errors after it was sent are `h2` errors,
+//! which tonic maps to a status (a reset, a broken connection). The caller (`GrpcDirectory`)
+//! decides what to retry.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -65,7 +67,7 @@ struct Shared {
     /// The connection calls go on, once one is open.
     live: Mutex<Option<Live>>,
     /// One connection attempt at a time; the callers waiting share its outcome.
-    connecting: tokio::sync::Mutex<()>,
+    connecting: Arc<tokio::sync::Mutex<()>>,
     /// How many connection attempts have failed; a caller that waited behind an attempt
     /// that failed reports that failure instead of trying again at once.
     failures: AtomicU64,
@@ -130,7 +132,7 @@ impl H2Channel {
                 tls: target.tls.clone(),
                 connect_timeout,
                 live: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(()),
+                connecting: Arc::new(tokio::sync::Mutex::new(())),
                 failures: AtomicU64::new(0),
             }),
         }
@@ -202,9 +204,10 @@ impl Shared {
         }
     }
 
-    /// A sender ready to open a stream (the server's stream limit permitting), and the
-    /// connection it belongs to.
-    async fn ready_sender(&self) -> Result<(h2::client::SendRequest<Bytes>, Live), BoxError> {
+    /// A sender that can open a stream on a live connection, and that connection.
+    async fn ready_sender(
+        self: &Arc<Self>,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Live), BoxError> {
         if let Some(live) = self.current() {
             match live.sender.clone().ready().await {
                 Ok(sender) => return Ok((sender, live)),
@@ -224,36 +227,47 @@ impl Shared {
         }
     }
 
-    /// The live connection, opening one if there is none.
-    async fn connect_once(&self) -> Result<Live, BoxError> {
+    /// The live connection, opening one if there is none. The attempt runs in a task of its
+    /// own that holds the turn, so a caller that gives up (its deadline passed) does not
+    /// cancel it, and the callers queued behind it get its outcome instead of starting over.
+    async fn connect_once(self: &Arc<Self>) -> Result<Live, BoxError> {
         let failures = self.failures.load(Ordering::Acquire);
-        let _turn = self.connecting.lock().await;
+        let turn = self.connecting.clone().lock_owned().await;
         if let Some(live) = self.current() {
             return Ok(live);
         }
         if self.failures.load(Ordering::Acquire) != failures {
             return Err(unavailable(format!("cannot connect to {}", self.address)));
         }
-        match tokio::time::timeout(self.connect_timeout, self.connect()).await {
-            Ok(Ok(live)) => {
-                *self.live.lock().unwrap_or_else(PoisonError::into_inner) = Some(live.clone());
-                Ok(live)
-            }
-            Ok(Err(e)) => {
-                self.failures.fetch_add(1, Ordering::AcqRel);
-                Err(unavailable(format!(
-                    "cannot connect to {}: {e}",
-                    self.address
-                )))
-            }
-            Err(_) => {
-                self.failures.fetch_add(1, Ordering::AcqRel);
-                Err(unavailable(format!(
+        let shared = self.clone();
+        let attempt = tokio::spawn(async move {
+            let _turn = turn;
+            let outcome = match tokio::time::timeout(shared.connect_timeout, shared.connect()).await
+            {
+                Ok(Ok(live)) => {
+                    *shared.live.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(live.clone());
+                    Ok(live)
+                }
+                Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", shared.address)),
+                Err(_) => Err(format!(
                     "connecting to {} took over {} ms",
-                    self.address,
-                    self.connect_timeout.as_millis()
-                )))
+                    shared.address,
+                    shared.connect_timeout.as_millis()
+                )),
+            };
+            if outcome.is_err() {
+                shared.failures.fetch_add(1, Ordering::AcqRel);
             }
+            outcome
+        });
+        match attempt.await {
+            Ok(Ok(live)) => Ok(live),
+            Ok(Err(message)) => Err(unavailable(message)),
+            Err(e) => Err(unavailable(format!(
+                "connecting to {} failed: {e}",
+                self.address
+            ))),
         }
     }
 
@@ -381,9 +395,29 @@ impl tower::Service<http::Request<tonic::body::Body>> for H2Channel {
                 Err(e) => return Err(e.into()),
             };
             if !data.is_empty() {
-                stream.send_data(data, true)?;
+                // Fails only if the stream was already refused or reset, which the response
+                // reports with its cause.
+                let _ = stream.send_data(data, true);
             }
-            let response = response.await?;
+            let response = match response.await {
+                Ok(response) => response,
+                // Refused unprocessed: the server's GOAWAY named an earlier last stream, or
+                // REFUSED_STREAM. Safe to make again (and Authorize changes nothing anyway).
+                Err(e) if e.is_go_away() && e.is_remote() => {
+                    shared.forget(&live);
+                    return Err(unavailable(format!(
+                        "{} went away before answering: {e}",
+                        shared.address
+                    )));
+                }
+                Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+                    return Err(unavailable(format!(
+                        "{} refused the call: {e}",
+                        shared.address
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            };
             Ok(response.map(|recv| H2Body {
                 recv,
                 trailers: false,
@@ -466,6 +500,55 @@ mod tests {
             identity: None,
         };
         assert!(refused("https://localhost:1", Some(&garbage)).contains("--directory-ca"));
+    }
+
+    /// A replica that accepts TCP but never answers the TLS handshake: the first caller
+    /// gives up (its deadline) long before the connect timeout, and the attempt it started
+    /// carries on in its own task; the next caller waits for that attempt's outcome instead
+    /// of opening a second connection.
+    #[tokio::test]
+    async fn a_caller_giving_up_does_not_cancel_the_connection_attempt() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+            .expect("a certificate");
+        let tls = contract::launch::ClientTls {
+            ca_pem: Some(ca.cert.pem().into_bytes()),
+            identity: None,
+        };
+        let url = format!("https://localhost:{port}");
+        let target = Target::parse(&url, Some(&tls)).expect("target");
+        let channel = H2Channel::lazy(&target, Duration::from_millis(600));
+        let mut client = DirectoryServiceClient::with_origin(channel, url.parse().expect("uri"));
+
+        let first = tokio::time::timeout(
+            Duration::from_millis(50),
+            client.authorize(dpb::AuthorizeRequest { action: 1 }),
+        )
+        .await;
+        assert!(first.is_err(), "the first caller gave up: {first:?}");
+        let status = client
+            .authorize(dpb::AuthorizeRequest { action: 1 })
+            .await
+            .expect_err("the handshake never completes");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection attempt, shared by both callers"
+        );
+        silent.abort();
     }
 
     /// Nothing listens: the call fails at once as UNAVAILABLE (never sent, safe to retry),
