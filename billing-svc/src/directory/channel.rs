@@ -85,10 +85,11 @@ struct Live {
     closed: Arc<AtomicBool>,
 }
 
-/// Where one replica is and how to reach it: its socket address and, for `https://`, the
-/// TLS settings (built once, shared by the replica's connections).
+/// Where one replica is and how to reach it: its URL (the origin of every call), its socket
+/// address and, for `https://`, the TLS settings (built once, shared by its connections).
 #[derive(Clone)]
 pub struct Target {
+    origin: http::Uri,
     address: String,
     tls: Option<Arc<Tls>>,
 }
@@ -119,7 +120,13 @@ impl Target {
         Ok(Self {
             address: format!("{host}:{port}"),
             tls,
+            origin: uri,
         })
+    }
+
+    /// The scheme and authority every call's URI gets (tonic's `with_origin`).
+    pub fn origin(&self) -> http::Uri {
+        self.origin.clone()
     }
 }
 
@@ -530,7 +537,7 @@ mod tests {
         let url = format!("https://localhost:{port}");
         let target = Target::parse(&url, Some(&tls)).expect("target");
         let channel = H2Channel::lazy(&target, Duration::from_millis(600));
-        let mut client = DirectoryServiceClient::with_origin(channel, url.parse().expect("uri"));
+        let mut client = DirectoryServiceClient::with_origin(channel, target.origin());
 
         let first = tokio::time::timeout(
             Duration::from_millis(50),
@@ -560,7 +567,7 @@ mod tests {
         drop(listener);
         let target = Target::parse(&url, None).expect("target");
         let channel = H2Channel::lazy(&target, Duration::from_secs(1));
-        let mut client = DirectoryServiceClient::with_origin(channel, url.parse().expect("uri"));
+        let mut client = DirectoryServiceClient::with_origin(channel, target.origin());
         for _ in 0..2 {
             let started = std::time::Instant::now();
             let status = client

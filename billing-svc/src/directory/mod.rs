@@ -1,12 +1,12 @@
 //! The client side of `directory.v1.DirectoryService.Authorize`: shared channels to each
 //! directory replica (one HTTP/2 connection per CPU, lazily connected, reconnecting by
-//! itself; see [`channel`]), round-robin over the replicas that are not marked down, a deadline on every call
-//! (the smaller of the caller's remaining deadline and the configured directory timeout), and
-//! retries of calls that got no answer (UNAVAILABLE, or UNKNOWN: the connection broke with the
-//! call on it), which is safe because Authorize changes nothing; with another replica up, any
-//! failure that is not an answer about the token or the request goes to it. A replica that
-//! fails is marked down for a moment, so calls go to the others at once instead of waiting
-//! on it.
+//! itself; see [`channel`]), round-robin over the replicas that are not marked down, a
+//! deadline on every call (the smaller of the caller's remaining deadline and the configured
+//! directory timeout), and retries of calls that got no answer (UNAVAILABLE, or UNKNOWN: the
+//! connection broke with the call on it), which is safe because Authorize changes nothing;
+//! with another replica up, any failure that is not an answer about the token or the request
+//! goes to it. A replica that fails is marked down for a moment, so calls go to the others at
+//! once instead of waiting on it.
 
 mod channel;
 
@@ -74,9 +74,6 @@ impl GrpcDirectory {
         let replicas = urls
             .iter()
             .map(|url| {
-                let origin: http::Uri = url
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("invalid directory URL {url:?}: {e}"))?;
                 let target = Target::parse(url, tls)?;
                 let connections =
                     std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
@@ -86,7 +83,7 @@ impl GrpcDirectory {
                         .map(|_| {
                             DirectoryServiceClient::with_origin(
                                 H2Channel::lazy(&target, timeout),
-                                origin.clone(),
+                                target.origin(),
                             )
                         })
                         .collect(),
