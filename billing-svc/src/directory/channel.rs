@@ -558,6 +558,79 @@ mod tests {
         silent.abort();
     }
 
+    /// A fake replica that speaks just enough HTTP/2 to take a call, then refuses it with
+    /// GOAWAY(last stream 0, NO_ERROR): "I processed nothing, go elsewhere". It answers every
+    /// connection the same way and counts them.
+    async fn replica_that_goes_away(listener: tokio::net::TcpListener, accepted: Arc<AtomicU64>) {
+        while let Ok((socket, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(go_away_on_first_call(socket));
+        }
+    }
+
+    async fn go_away_on_first_call(mut socket: TcpStream) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const HEADERS: u8 = 0x1;
+        const SETTINGS: u8 = 0x4;
+        const GOAWAY: u8 = 0x7;
+        const ACK: u8 = 0x1;
+        fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+            let [_, a, b, c] = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
+            let mut out = vec![a, b, c, kind, flags, 0, 0, 0, 0];
+            out.extend_from_slice(payload);
+            out
+        }
+        let mut preface = [0u8; 24];
+        socket.read_exact(&mut preface).await?;
+        socket.write_all(&frame(SETTINGS, 0, &[])).await?;
+        loop {
+            let mut head = [0u8; 9];
+            socket.read_exact(&mut head).await?;
+            let [a, b, c, kind, flags, ..] = head;
+            let mut payload =
+                vec![0u8; usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c)];
+            socket.read_exact(&mut payload).await?;
+            match kind {
+                SETTINGS if flags & ACK == 0 => {
+                    socket.write_all(&frame(SETTINGS, ACK, &[])).await?
+                }
+                // Last stream id 0 (nothing processed), error code NO_ERROR.
+                HEADERS => socket.write_all(&frame(GOAWAY, 0, &[0; 8])).await?,
+                _ => {}
+            }
+        }
+    }
+
+    /// A replica that refuses a call with GOAWAY before processing it: the call is UNAVAILABLE
+    /// (never processed, safe to make elsewhere; tonic alone would say INTERNAL), and the
+    /// connection is dropped, so the next call opens a new one.
+    #[tokio::test]
+    async fn a_goaway_before_the_call_was_processed_is_unavailable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let replica = tokio::spawn(replica_that_goes_away(listener, accepted.clone()));
+        let target = Target::parse(&url, None).expect("target");
+        let channel = H2Channel::lazy(&target, Duration::from_secs(1));
+        let mut client = DirectoryServiceClient::with_origin(channel, target.origin());
+        for call in 1..=2 {
+            let status = client
+                .authorize(dpb::AuthorizeRequest { action: 1 })
+                .await
+                .expect_err("the replica refuses every call");
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("went away"), "{status:?}");
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                call,
+                "a new connection per call"
+            );
+        }
+        replica.abort();
+    }
+
     /// Nothing listens: the call fails at once as UNAVAILABLE (never sent, safe to retry),
     /// and the next call tries to connect again.
     #[tokio::test]
