@@ -46,18 +46,6 @@ impl Limiter {
         (bucket.tokens + elapsed * self.per_second).min(self.burst)
     }
 
-    /// Whether `key` has a token left, without taking it; if not, how long until it has.
-    pub fn check(&self, key: &str) -> Result<(), Duration> {
-        if !self.enabled() {
-            return Ok(());
-        }
-        let now = Instant::now();
-        match self.buckets.get(key) {
-            Some(bucket) => self.wait_for(self.refilled(*bucket, now)),
-            None => Ok(()),
-        }
-    }
-
     /// Takes a token from `key`'s bucket, or says how long until one is there.
     pub fn take(&self, key: &str) -> Result<(), Duration> {
         if !self.enabled() {
@@ -78,6 +66,31 @@ impl Limiter {
         result
     }
 
+    /// Takes a token from `key`'s bucket for an attempt whose outcome is not known yet: it
+    /// goes back when the reservation is dropped, unless [`Reservation::keep`] was called.
+    /// Concurrent attempts each hold a token of their own, so a burst of them cannot all pass
+    /// a bucket that has one left.
+    pub fn reserve<'a>(&'a self, key: &str) -> Result<Reservation<'a>, Duration> {
+        self.take(key)?;
+        Ok(Reservation {
+            limiter: self,
+            key: Some(key.to_owned()),
+        })
+    }
+
+    /// Puts a token back into `key`'s bucket (never above its burst). A key the map forgot
+    /// was full, so there is nothing to give back.
+    fn give_back(&self, key: &str) {
+        if !self.enabled() {
+            return;
+        }
+        if let Some(mut bucket) = self.buckets.get_mut(key) {
+            let now = Instant::now();
+            bucket.tokens = (self.refilled(*bucket, now) + 1.0).min(self.burst);
+            bucket.updated = now;
+        }
+    }
+
     fn wait_for(&self, tokens: f64) -> Result<(), Duration> {
         if tokens >= 1.0 {
             Ok(())
@@ -94,6 +107,28 @@ impl Limiter {
     }
 }
 
+/// A token taken by [`Limiter::reserve`]: given back when dropped, unless kept.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    limiter: &'a Limiter,
+    key: Option<String>,
+}
+
+impl Reservation<'_> {
+    /// The attempt counted (a failure): the token stays taken.
+    pub fn keep(mut self) {
+        self.key = None;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.limiter.give_back(&key);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,8 +141,26 @@ mod tests {
         }
         let wait = limiter.take("a").expect_err("dry");
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
-        assert!(limiter.check("a").is_err());
+        assert!(limiter.take("a").is_err(), "a refused take takes nothing");
         assert!(limiter.take("b").is_ok(), "another key is not slowed");
         assert!(Limiter::new(0.0, 1).take("a").is_ok());
+    }
+
+    #[test]
+    fn reservations_hold_a_token_until_given_back_or_kept() {
+        let limiter = Limiter::new(0.001, 2);
+        let first = limiter.reserve("a").expect("a token");
+        let second = limiter.reserve("a").expect("another");
+        assert!(limiter.reserve("a").is_err(), "both tokens are held");
+        drop(first);
+        let third = limiter.reserve("a").expect("the first one came back");
+        second.keep();
+        third.keep();
+        assert!(limiter.reserve("a").is_err(), "kept tokens stay taken");
+        assert!(limiter.take("a").is_err(), "a refused take takes nothing");
+        let unlimited = Limiter::new(0.0, 1);
+        let held = unlimited.reserve("a").expect("no limit");
+        assert!(unlimited.reserve("a").is_ok());
+        held.keep();
     }
 }

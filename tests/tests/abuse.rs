@@ -76,6 +76,66 @@ async fn failed_sign_ins_throttle_that_upn_only(backend: Backend) {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// Guesses sent all at once get no more password checks than guesses sent one by one: each
+/// check holds one of the UPN's failures while it runs, so a burst cannot slip past a bucket
+/// with tokens left before any of its guesses has failed.
+async fn concurrent_guesses_share_the_upns_failure_budget(backend: Backend) {
+    let db = db_or_skip!(backend);
+    let mut config = directory_config(&db);
+    config.limits.signin_failures_per_upn_per_minute = 5;
+    let server = DirectoryServer::start_with(config).await;
+    let mut client = server.client().await;
+    let t = sign_up(&mut client, "contoso").await;
+    let upn = t.admin.user_principal_name.clone();
+    let guesses = (0..40).map(|i| {
+        let mut client = client.clone();
+        let upn = upn.clone();
+        async move {
+            client
+                .sign_in(sign_in_req(&upn, &format!("Wr0ng-guess-{i}")))
+                .await
+        }
+    });
+    let results = futures::future::join_all(guesses).await;
+    let mut checked = 0;
+    let mut throttled = 0;
+    for result in &results {
+        let status = result.as_ref().expect_err("every guess is wrong");
+        match integration_tests::details(status).0.as_str() {
+            "INVALID_CREDENTIALS" => checked += 1,
+            "RATE_LIMITED" => throttled += 1,
+            other => panic!("unexpected {other}: {status:?}"),
+        }
+    }
+    // Five a minute: the five the bucket holds, and at most one refilled meanwhile.
+    assert!((5..=6).contains(&checked), "{checked} passwords checked");
+    assert_eq!(checked + throttled, 40);
+    // A correct password is throttled like any other attempt while the budget is spent...
+    expect_err(
+        client.sign_in(sign_in_req(&upn, PASSWORD)).await,
+        Code::ResourceExhausted,
+        "RATE_LIMITED",
+    );
+    // ...and a success does not spend it: after ten, the five failures are all still there.
+    let other = sign_up(&mut client, "fabrikam").await;
+    let upn = other.admin.user_principal_name;
+    for _ in 0..10 {
+        sign_in(&mut client, &upn, PASSWORD).await;
+    }
+    for _ in 0..5 {
+        expect_err(
+            client.sign_in(sign_in_req(&upn, "Wr0ng-guess")).await,
+            Code::Unauthenticated,
+            "INVALID_CREDENTIALS",
+        );
+    }
+    expect_err(
+        client.sign_in(sign_in_req(&upn, "Wr0ng-guess")).await,
+        Code::ResourceExhausted,
+        "RATE_LIMITED",
+    );
+}
+
 async fn sign_in_and_sign_up_are_throttled_per_peer(backend: Backend) {
     let db = db_or_skip!(backend);
     let mut config = directory_config(&db);
@@ -216,6 +276,7 @@ async fn oversized_messages_are_resource_exhausted(backend: Backend) {
 
 on_both_backends!(
     failed_sign_ins_throttle_that_upn_only,
+    concurrent_guesses_share_the_upns_failure_budget,
     sign_in_and_sign_up_are_throttled_per_peer,
     overload_is_shed_at_once_instead_of_queued,
     oversized_messages_are_resource_exhausted,

@@ -175,9 +175,13 @@ impl Service {
                 .take(&peer.to_string())
                 .map_err(Error::Throttled)?;
         }
-        self.throttles
+        // A failure's token is taken before the password is checked and given back if it
+        // matches (or the check never happened): concurrent guesses each need a token, so a
+        // burst of them cannot all get past a bucket that has one left.
+        let failure = self
+            .throttles
             .failed_signins
-            .check(&key)
+            .reserve(&key)
             .map_err(Error::Throttled)?;
         let found = self.store.credentials(&key).await.map_err(internal)?;
         let (user, hash) = match found {
@@ -188,7 +192,7 @@ impl Service {
         let user = match user {
             Some(user) if matches => user,
             _ => {
-                let _ = self.throttles.failed_signins.take(&key);
+                failure.keep();
                 return Err(Error::BadCredentials);
             }
         };
