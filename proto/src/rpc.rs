@@ -317,7 +317,7 @@ fn trailers_only_status<B>(response: &http::Response<B>) -> Option<(Code, bool)>
 /// For an error tonic produced itself (no details): the code and ErrorInfo reason to send.
 fn framework_error(code: Code, message: &str) -> (Code, &'static str, &'static str) {
     match code {
-        Code::OutOfRange if message.contains("too large") || message.contains("too%20large") => (
+        Code::OutOfRange if message.contains("too large") => (
             Code::ResourceExhausted,
             "MESSAGE_TOO_LARGE",
             "the request message is larger than the server accepts",
@@ -335,6 +335,24 @@ fn framework_error(code: Code, message: &str) -> (Code, &'static str, &'static s
         ),
         other => (other, "TRANSPORT", "the request could not be handled"),
     }
+}
+
+/// The request field a decode error names (prost's "failed to decode Protobuf message:
+/// SignInRequest.password: invalid string value: ..."), or "" for the message as a whole
+/// (broken framing, or a field of a nested message).
+fn undecodable_field(message: &str) -> &str {
+    message
+        .split_once("message: ")
+        .and_then(|(_, rest)| rest.split_once(": "))
+        .and_then(|(path, _)| path.split_once('.'))
+        .filter(|(message_type, field)| {
+            message_type.ends_with("Request")
+                && !field.is_empty()
+                && field
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+        .map_or("", |(_, field)| field)
 }
 
 /// Replaces the status headers of `response` with `status` (and its details).
@@ -455,15 +473,21 @@ where
                         if let Some((status_code, has_details)) = trailers_only_status(response) {
                             code = status_code;
                             if !has_details {
-                                let message = response
-                                    .headers()
-                                    .get("grpc-message")
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or_default()
-                                    .to_owned();
+                                let message = Status::from_header_map(response.headers())
+                                    .map(|s| s.message().to_owned())
+                                    .unwrap_or_default();
                                 let (mapped, reason, text) = framework_error(status_code, &message);
                                 tracing::debug!(?status_code, message, "framework error");
-                                set_status(response, status(domain, mapped, reason, text, &[]));
+                                // INVALID_ARGUMENT carries BadRequest (the contract): the field
+                                // that would not decode, when the decoder named one.
+                                let violations = match mapped {
+                                    Code::InvalidArgument => {
+                                        vec![Violation::new(undecodable_field(&message), text)]
+                                    }
+                                    _ => Vec::new(),
+                                };
+                                let rich = status(domain, mapped, reason, text, &violations);
+                                set_status(response, rich);
                                 code = mapped;
                             }
                         }
@@ -513,6 +537,22 @@ fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn decode_errors_name_the_request_field() {
+        let utf8 = "failed to decode Protobuf message: SignInRequest.password: invalid string \
+                    value: data is not UTF-8 encoded";
+        assert_eq!(undecodable_field(utf8), "password");
+        let nested =
+            "failed to decode Protobuf message: Inner.name: Outer.inner: invalid wire type";
+        assert_eq!(undecodable_field(nested), "");
+        assert_eq!(
+            undecodable_field("failed to decode Protobuf message: buffer underflow"),
+            ""
+        );
+        assert_eq!(undecodable_field("Missing request message."), "");
+        assert_eq!(undecodable_field(""), "");
+    }
 
     #[test]
     fn grpc_timeouts_parse() {

@@ -1601,9 +1601,23 @@ async fn undecodable_requests_answer_the_contract_status(backend: Backend) {
         } else {
             Code::InvalidArgument
         };
-        if status.code() != expected || domain != service || reason.is_empty() {
+        // INVALID_ARGUMENT also carries BadRequest; a string that is not UTF-8 names its field.
+        let violations = status
+            .get_error_details()
+            .bad_request()
+            .map(|b| b.field_violations.clone())
+            .unwrap_or_default();
+        let bad_request_ok = match expected {
+            Code::InvalidArgument if label.starts_with("invalid UTF-8 in a string") => {
+                violations.len() == 1 && !violations[0].field.is_empty()
+            }
+            Code::InvalidArgument => violations.len() == 1,
+            _ => violations.is_empty(),
+        };
+        if status.code() != expected || domain != service || reason.is_empty() || !bad_request_ok {
             wrong.push(format!(
-                "{path} {label}: {:?} {:?} (ErrorInfo reason {reason:?} domain {domain:?})",
+                "{path} {label}: {:?} {:?} (ErrorInfo reason {reason:?} domain {domain:?}, \
+                 BadRequest {violations:?})",
                 status.code(),
                 status.message()
             ));
