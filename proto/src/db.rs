@@ -364,7 +364,11 @@ impl Ownership {
         let url = sqlite_url(url)?;
         let rest = url.strip_prefix("sqlite://").unwrap_or(&url);
         let path = rest.split_once('?').map_or(rest, |(path, _)| path);
-        let lock_path = std::path::PathBuf::from(format!("{path}.lock"));
+        // One lock per file, however the URL spells its path (relative, `./`, `..`, a
+        // symlink): the path with its folder (and the file, once it exists) resolved.
+        let mut lock_path = real_path(Path::new(path)).into_os_string();
+        lock_path.push(".lock");
+        let lock_path = std::path::PathBuf::from(lock_path);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -389,6 +393,22 @@ impl Ownership {
 
     pub fn lock_path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// `path` with symlinks, `.` and `..` resolved: the file's own if it exists, else its folder's
+/// (which [`sqlite_url`] created) joined with its name.
+fn real_path(path: &Path) -> std::path::PathBuf {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    let folder = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(folder), path.file_name()) {
+        (Ok(folder), Some(name)) => folder.join(name),
+        _ => path.to_path_buf(),
     }
 }
 
@@ -566,6 +586,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    #[cfg(unix)]
     #[test]
     fn one_process_owns_an_sqlite_file() {
         let dir = std::env::temp_dir().join(format!("contract-own-{}", uuid::Uuid::new_v4()));
@@ -580,6 +601,24 @@ mod tests {
                 .contains("another process is using the database"),
             "{second}"
         );
+        // The same file under other names: a `.` and `..` detour, and a symlink (to the file
+        // once it exists, and to its folder).
+        let detour = format!("sqlite://{}/./sub/../x.db", dir.display());
+        std::fs::create_dir_all(dir.join("sub")).expect("sub folder");
+        std::fs::write(dir.join("x.db"), b"").expect("the file");
+        std::os::unix::fs::symlink(dir.join("x.db"), dir.join("alias.db")).expect("symlink");
+        std::os::unix::fs::symlink(&dir, dir.join("sub/link")).expect("folder symlink");
+        for other in [
+            detour,
+            format!("sqlite://{}/alias.db", dir.display()),
+            format!("sqlite://{}/sub/link/x.db", dir.display()),
+        ] {
+            let refused = Ownership::claim(&other).expect_err("the same file");
+            assert!(
+                refused.to_string().contains("another process"),
+                "{other}: {refused}"
+            );
+        }
         drop(first);
         let again = Ownership::claim(&url).expect("free again").expect("sqlite");
         assert!(again.lock_path().ends_with("x.db.lock"));
