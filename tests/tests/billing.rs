@@ -409,6 +409,30 @@ async fn request_ids_make_purchases_idempotent(backend: Backend) {
         .expect("tricia")
         .into_inner();
     assert_ne!(hers.id, first.id);
+    // Once she may no longer buy, a retry of her purchase still answers with it (it was
+    // authorised when it was made), but anything else is PERMISSION_DENIED: a reused
+    // request_id with other fields tells her nothing more.
+    w.set_tricia_roles(&[]).await;
+    let replayed = w
+        .bill
+        .create_subscription(authed(buy("office365-e3", 5, &rid), &tricia_token))
+        .await
+        .expect("her retry")
+        .into_inner();
+    assert_eq!(replayed.id, hers.id);
+    for request in [
+        buy("office365-e3", 6, &rid),
+        buy("office365-e3", 5, &uuid::Uuid::new_v4().to_string()),
+        buy("office365-e3", 5, ""),
+    ] {
+        expect_err(
+            w.bill
+                .create_subscription(authed(request, &tricia_token))
+                .await,
+            Code::PermissionDenied,
+            "PERMISSION_DENIED",
+        );
+    }
     // Without a request id, every call is a new purchase.
     w.bill
         .create_subscription(authed(buy("office365-e3", 5, ""), &token))

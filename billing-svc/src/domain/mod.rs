@@ -160,7 +160,9 @@ impl Service {
     /// Buys an offer: authorised by the directory, placed in the caller's directory, owned by
     /// the caller (Azure) or the directory (Office 365). With a request_id, a retry of the
     /// same request returns the first subscription, even if the caller has since lost the
-    /// purchasing role: that purchase was authorised when it was made. `caller` comes from
+    /// purchasing role: that purchase was authorised when it was made. Anything else such a
+    /// caller sends is refused as not allowed, a reused request_id included (so a refused
+    /// caller learns nothing about their earlier requests). `caller` comes from
     /// [`Check::Purchase`].
     pub async fn create_subscription(
         &self,
@@ -173,10 +175,13 @@ impl Service {
             // A retry of a purchase made while the caller could still buy answers with it.
             return match self
                 .replay(caller, request_id.as_deref(), &fingerprint)
-                .await?
+                .await
             {
-                Some(first) => Ok(first),
-                None => Err(Error::PermissionDenied(caller.reason.clone())),
+                Ok(Some(first)) => Ok(first),
+                Ok(None) | Err(Error::RequestIdReused) => {
+                    Err(Error::PermissionDenied(caller.reason.clone()))
+                }
+                Err(other) => Err(other),
             };
         }
         // Insert first: the unique index on (creator, request_id) finds a retry (or a
