@@ -62,11 +62,14 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Display names, after trimming, are at most this many characters.
 pub const MAX_DISPLAY_NAME_CHARS: usize = 256;
 
-/// Invisible characters that reorder or hide text: bidirectional overrides and isolates,
-/// zero-width characters, the byte-order mark. Refused in names so a name cannot pose as
-/// another.
+/// Invisible characters that reorder or hide text: bidirectional marks, embeddings,
+/// overrides and isolates, the zero-width space, the word joiner and invisible operators,
+/// the byte-order mark. Refused in names so a name cannot pose as another ("Bob" followed
+/// by a right-to-left override). Not the zero-width non-joiner and joiner (U+200C, U+200D):
+/// Persian, Hindi and other scripts spell words with them, and emoji sequences are joined by
+/// them, so names need them.
 fn is_invisible_format(c: char) -> bool {
-    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+    matches!(c, '\u{200B}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// A display name: 1..=256 characters after trimming, no control characters (anywhere, even
@@ -133,6 +136,17 @@ mod tests {
         assert!(display_name("f", "\tBob").is_err());
         assert!(display_name("f", "Bob\u{202E}gnp.exe").is_err());
         assert!(display_name("f", "Bo\u{200B}b").is_err());
+        assert!(display_name("f", "Bob\u{2066}Admin\u{2069}").is_err());
+        assert!(display_name("f", "\u{FEFF}Bob").is_err());
+        // Names that need the zero-width non-joiner and joiner: Persian, an emoji sequence.
+        assert!(
+            display_name(
+                "f",
+                "\u{645}\u{6CC}\u{200C}\u{62E}\u{648}\u{627}\u{647}\u{645}"
+            )
+            .is_ok()
+        );
+        assert!(display_name("f", "Dev \u{1F469}\u{200D}\u{1F4BB}").is_ok());
         assert!(display_name("f", &"é".repeat(256)).is_ok());
         assert!(display_name("f", &"é".repeat(257)).is_err());
     }

@@ -543,6 +543,49 @@ async fn only_global_and_user_administrators_create_users_and_only_global_grants
     );
 }
 
+/// Names in scripts that need the zero-width non-joiner (Persian) and emoji joined by the
+/// zero-width joiner are stored and read back as sent; only characters that reorder or hide
+/// text are refused.
+async fn display_names_keep_joiners_and_refuse_reordering(backend: Backend) {
+    let db = db_or_skip!(backend);
+    let server = DirectoryServer::start(&db).await;
+    let mut client = server.client().await;
+    let t = sign_up(&mut client, "contoso").await;
+    let create = |upn: &str, display_name: &str| {
+        authed(
+            pb::CreateUserRequest {
+                user_principal_name: format!("{upn}@{}", t.domain),
+                display_name: display_name.to_owned(),
+                password: PASSWORD.to_owned(),
+                roles: vec![],
+            },
+            &t.token,
+        )
+    };
+    for (upn, name) in [
+        (
+            "maryam",
+            "\u{645}\u{631}\u{6CC}\u{645} \u{645}\u{6CC}\u{200C}\u{62E}\u{648}\u{627}\u{647}",
+        ),
+        ("dev", "Dev \u{1F469}\u{200D}\u{1F4BB}"),
+    ] {
+        let user = client
+            .create_user(create(upn, name))
+            .await
+            .unwrap_or_else(|e| panic!("{upn}: {e:?}"))
+            .into_inner();
+        assert_eq!(user.display_name, name);
+    }
+    let status = expect_err(
+        client
+            .create_user(create("bob", "Bob\u{202E}gnp.exe"))
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_eq!(details(&status).2, vec!["display_name"]);
+}
+
 async fn get_user_by_id_and_upn_within_the_directory(backend: Backend) {
     let db = db_or_skip!(backend);
     let server = DirectoryServer::start(&db).await;
@@ -1717,6 +1760,7 @@ async fn listen_accepts_host_names(backend: Backend) {
 }
 
 on_both_backends!(
+    display_names_keep_joiners_and_refuse_reordering,
     sign_up_creates_the_directory_and_its_global_administrator,
     a_taken_prefix_in_any_letter_case_is_already_exists,
     concurrent_sign_ups_for_one_prefix_have_exactly_one_winner,

@@ -256,6 +256,8 @@ fn bad_display_names() -> Vec<(&'static str, String)> {
         ("tab", "a\tb".into()),
         ("DEL", "del\u{7f}".into()),
         ("C1 control", "next\u{85}line".into()),
+        ("right-to-left override", "Bob\u{202E}gnp.exe".into()),
+        ("zero-width space", "Bo\u{200B}b".into()),
     ]
 }
 
