@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Checks the latency target of BENCHMARKS.md (p99 <= 5 ms at half of each scenario's maximum
+rate) with repeated, interleaved runs.
+
+One 5-second open-loop run's p99 on a shared 2-core machine can differ from the next by a
+factor of two, so the matrix's single figure per scenario says little about a target near it.
+This script starts both services (as tests/bench/run.py does), measures each scenario's best
+closed-loop rate at concurrency 64, then runs every scenario open loop at half that rate,
+--rounds times, one scenario after another in each round (so a noisy stretch of the machine
+hits all scenarios alike), and reports each run's p99 and their median. `health` (one cheap
+call to the directory) is the machine's floor: the latency any call sees from queueing for a
+core at that load, with the load generator on the same cores.
+
+  cargo build --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen
+  python3 tests/bench/tail.py [--rounds 5] [--duration 5] [--backends sqlite,postgres]
+"""
+import argparse, os, statistics, sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import run  # noqa: E402  (the matrix script: starting services, loadgen, PostgreSQL helpers)
+
+SCENARIOS = "health,authorize,get-user,get-subscription,create-subscription"
+TARGET_MS = 5.0
+
+
+def measure(backend, opts):
+    dport, bport = 51071, 51072
+    scenarios = opts.scenarios.split(",")
+    with run.service_pair(backend, "tail", dport, bport):
+        def load(scenario, extra):
+            r = run.loadgen(["--scenario", scenario, "--directory", f"127.0.0.1:{dport}",
+                             "--billing", f"127.0.0.1:{bport}", "--connections", "4",
+                             "--duration", str(opts.duration), "--warmup", "1"] + extra)
+            if r["errors"]:
+                raise SystemExit(f"{scenario}: errors {r['errors']}")
+            return r
+
+        best = {}
+        for scenario in scenarios:
+            best[scenario] = load(scenario, ["-c", "64"])["requests_per_sec"]
+            print(f"{backend:9} {scenario:20} closed loop c=64: {best[scenario]:8.0f}/s", flush=True)
+        p99s = {s: [] for s in scenarios}
+        for round_ in range(opts.rounds):
+            for scenario in scenarios:
+                rate = max(1, int(best[scenario] / 2))
+                r = load(scenario, ["-c", "512", "--rate", str(rate)])
+                p99 = r["latency_us"]["p99"] / 1000
+                p99s[scenario].append(p99)
+                print(f"{backend:9} {scenario:20} round {round_ + 1}: open loop {rate}/s "
+                      f"p50={r['latency_us']['p50'] / 1000:.2f}ms p99={p99:.2f}ms", flush=True)
+    return [(backend, s, best[s], p99s[s]) for s in scenarios]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--duration", type=int, default=5)
+    p.add_argument("--backends", default="sqlite,postgres")
+    p.add_argument("--scenarios", default=SCENARIOS)
+    opts = p.parse_args()
+    rows = []
+    for backend in opts.backends.split(","):
+        rows += measure(backend, opts)
+    print(f"\n| backend | scenario | best closed loop (c=64) | half rate | p99 of each run (ms) "
+          f"| median | target <= {TARGET_MS:g} ms |")
+    print("|---|---|---|---|---|---|---|")
+    for backend, scenario, best, p99s in rows:
+        median = statistics.median(p99s)
+        print(f"| {backend} | {scenario} | {best:.0f}/s | {int(best / 2)}/s | "
+              f"{', '.join(f'{x:.1f}' for x in p99s)} | {median:.1f} | "
+              f"{'met' if median <= TARGET_MS else 'missed'} |")
+
+
+if __name__ == "__main__":
+    main()
