@@ -62,14 +62,32 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Display names, after trimming, are at most this many characters.
 pub const MAX_DISPLAY_NAME_CHARS: usize = 256;
 
-/// Invisible characters that reorder or hide text: bidirectional marks, embeddings,
-/// overrides and isolates, the zero-width space, the word joiner and invisible operators,
-/// the byte-order mark. Refused in names so a name cannot pose as another ("Bob" followed
-/// by a right-to-left override). Not the zero-width non-joiner and joiner (U+200C, U+200D):
-/// Persian, Hindi and other scripts spell words with them, and emoji sequences are joined by
-/// them, so names need them.
+/// Invisible characters that reorder or hide text: the bidirectional marks (U+061C, U+200E,
+/// U+200F), embeddings, overrides and isolates, the zero-width space, the word joiner and
+/// invisible operators, the byte-order mark. Refused in names so a name cannot pose as another
+/// ("Bob" followed by a right-to-left override).
 fn is_invisible_format(c: char) -> bool {
-    matches!(c, '\u{200B}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+    matches!(c, '\u{061C}' | '\u{200B}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// The zero-width non-joiner and joiner (U+200C, U+200D): Persian, Hindi and other scripts
+/// spell words with them, and emoji sequences are joined by them, so names need them, but
+/// only there. Each must stand between two visible characters outside ASCII (letters of such
+/// a script, emoji): never at an end, next to a space or another invisible character, or
+/// inside Latin text, where "Bo\u{200D}b" would pass for "Bob".
+fn misplaced_joiner(name: &str) -> bool {
+    let chars: Vec<char> = name.chars().collect();
+    let joins =
+        |c: char| !c.is_ascii() && !c.is_whitespace() && !is_joiner(c) && !is_invisible_format(c);
+    chars.iter().enumerate().any(|(i, &c)| {
+        let before = i.checked_sub(1).and_then(|j| chars.get(j));
+        let after = chars.get(i + 1);
+        is_joiner(c) && !(before.is_some_and(|&b| joins(b)) && after.is_some_and(|&a| joins(a)))
+    })
+}
+
+fn is_joiner(c: char) -> bool {
+    matches!(c, '\u{200C}' | '\u{200D}')
 }
 
 /// A display name: 1..=256 characters after trimming, no control characters (anywhere, even
@@ -79,10 +97,11 @@ pub fn display_name(field: &str, raw: &str) -> Result<String, Violation> {
     if raw.chars().any(char::is_control) {
         return Err(Violation::new(field, "must not contain control characters"));
     }
-    if raw.chars().any(is_invisible_format) {
+    if raw.chars().any(is_invisible_format) || misplaced_joiner(raw) {
         return Err(Violation::new(
             field,
-            "must not contain invisible formatting characters",
+            "must not contain invisible formatting characters (a zero-width joiner or \
+             non-joiner only between the letters of a script that uses it, or emoji)",
         ));
     }
     let trimmed = raw.trim();
@@ -147,6 +166,19 @@ mod tests {
             .is_ok()
         );
         assert!(display_name("f", "Dev \u{1F469}\u{200D}\u{1F4BB}").is_ok());
+        // Joiners anywhere else: alone, at an end, in Latin text, next to a space.
+        for spoof in [
+            "\u{200C}",
+            "\u{200D}Bob",
+            "Bob\u{200D}",
+            "Bo\u{200D}b",
+            "Bo\u{200C}b",
+            "Bob \u{200D}\u{1F4BB}",
+            "\u{645}\u{200C}\u{200C}\u{62E}",
+            "\u{645}\u{61C}\u{62E}",
+        ] {
+            assert!(display_name("f", spoof).is_err(), "{spoof:?}");
+        }
         assert!(display_name("f", &"é".repeat(256)).is_ok());
         assert!(display_name("f", &"é".repeat(257)).is_err());
     }
