@@ -338,21 +338,40 @@ fn framework_error(code: Code, message: &str) -> (Code, &'static str, &'static s
 }
 
 /// The request field a decode error names (prost's "failed to decode Protobuf message:
-/// SignInRequest.password: invalid string value: ..."), or "" for the message as a whole
-/// (broken framing, or a field of a nested message).
+/// SignInRequest.password: invalid string value: ..."), or "" for the message as a whole:
+/// broken framing, a field of a nested message, or a `oneof` (prost names the oneof, not
+/// which of its fields was bad).
 fn undecodable_field(message: &str) -> &str {
     message
         .split_once("message: ")
         .and_then(|(_, rest)| rest.split_once(": "))
+        .filter(|(path, _)| request_fields().contains(*path))
         .and_then(|(path, _)| path.split_once('.'))
-        .filter(|(message_type, field)| {
-            message_type.ends_with("Request")
-                && !field.is_empty()
-                && field
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        })
         .map_or("", |(_, field)| field)
+}
+
+/// `Message.field` for every field of every request message of the API (from the descriptor
+/// set served by reflection), read once.
+fn request_fields() -> &'static std::collections::HashSet<String> {
+    static FIELDS: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    FIELDS.get_or_init(|| {
+        use prost::Message as _;
+        let Ok(set) = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET) else {
+            return std::collections::HashSet::new();
+        };
+        set.file
+            .iter()
+            .flat_map(|file| &file.message_type)
+            .filter(|message| message.name().ends_with("Request"))
+            .flat_map(|message| {
+                message
+                    .field
+                    .iter()
+                    .map(move |field| format!("{}.{}", message.name(), field.name()))
+            })
+            .collect()
+    })
 }
 
 /// Replaces the status headers of `response` with `status` (and its details).
@@ -546,6 +565,13 @@ mod tests {
         let nested =
             "failed to decode Protobuf message: Inner.name: Outer.inner: invalid wire type";
         assert_eq!(undecodable_field(nested), "");
+        // GetUserRequest's `lookup` is a oneof, not a field: which arm was bad is not known.
+        let oneof = "failed to decode Protobuf message: GetUserRequest.lookup: invalid string \
+                     value: data is not UTF-8 encoded";
+        assert_eq!(undecodable_field(oneof), "");
+        let billing = "failed to decode Protobuf message: CreateSubscriptionRequest.offer_id: \
+                       invalid string value: data is not UTF-8 encoded";
+        assert_eq!(undecodable_field(billing), "offer_id");
         assert_eq!(
             undecodable_field("failed to decode Protobuf message: buffer underflow"),
             ""

@@ -1609,9 +1609,18 @@ async fn undecodable_requests_answer_the_contract_status(backend: Backend) {
             .bad_request()
             .map(|b| b.field_violations.clone())
             .unwrap_or_default();
+        // A bad string names its field; GetUser's is an arm of the `lookup` oneof, which the
+        // decoder does not tell apart, so the violation is the message's as a whole.
+        let names_a_field =
+            label.contains("UTF-8") || label.contains("surrogate") || label.contains("as a varint");
+        let field = match path {
+            CREATE_DIRECTORY => "display_name",
+            CREATE_SUBSCRIPTION => "offer_id",
+            _ => "",
+        };
         let bad_request_ok = match expected {
-            Code::InvalidArgument if label.starts_with("invalid UTF-8 in a string") => {
-                violations.len() == 1 && !violations[0].field.is_empty()
+            Code::InvalidArgument if names_a_field => {
+                violations.len() == 1 && violations[0].field == field
             }
             Code::InvalidArgument => violations.len() == 1,
             _ => violations.is_empty(),
