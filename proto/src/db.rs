@@ -399,6 +399,14 @@ impl Ownership {
 /// `path` with symlinks, `.` and `..` resolved: the file's own if it exists, else its folder's
 /// (which [`sqlite_url`] created) joined with its name.
 fn real_path(path: &Path) -> std::path::PathBuf {
+    // A symlink to a file not created yet: create it (an empty file is an empty SQLite
+    // database), so the link resolves to the name another process would give.
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path);
+    }
     if let Ok(real) = std::fs::canonicalize(path) {
         return real;
     }
@@ -586,7 +594,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    #[cfg(unix)]
     #[test]
     fn one_process_owns_an_sqlite_file() {
         let dir = std::env::temp_dir().join(format!("contract-own-{}", uuid::Uuid::new_v4()));
@@ -601,18 +608,16 @@ mod tests {
                 .contains("another process is using the database"),
             "{second}"
         );
-        // The same file under other names: a `.` and `..` detour, and a symlink (to the file
-        // once it exists, and to its folder).
-        let detour = format!("sqlite://{}/./sub/../x.db", dir.display());
+        // The same file through a detour, and through a symlink to the file itself.
         std::fs::create_dir_all(dir.join("sub")).expect("sub folder");
-        std::fs::write(dir.join("x.db"), b"").expect("the file");
-        std::os::unix::fs::symlink(dir.join("x.db"), dir.join("alias.db")).expect("symlink");
-        std::os::unix::fs::symlink(&dir, dir.join("sub/link")).expect("folder symlink");
-        for other in [
-            detour,
-            format!("sqlite://{}/alias.db", dir.display()),
-            format!("sqlite://{}/sub/link/x.db", dir.display()),
-        ] {
+        let mut others = vec![format!("sqlite://{}/./sub/../x.db", dir.display())];
+        #[cfg(unix)]
+        {
+            std::fs::write(dir.join("x.db"), b"").expect("the file");
+            std::os::unix::fs::symlink(dir.join("x.db"), dir.join("alias.db")).expect("symlink");
+            others.push(format!("sqlite://{}/alias.db", dir.display()));
+        }
+        for other in others {
             let refused = Ownership::claim(&other).expect_err("the same file");
             assert!(
                 refused.to_string().contains("another process"),
@@ -628,6 +633,24 @@ mod tests {
                 .is_none()
         );
         drop(again);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A symlink whose target does not exist yet names the target's lock, not its own: the
+    /// process given the target's own path is refused.
+    #[cfg(unix)]
+    #[test]
+    fn a_dangling_symlink_claims_its_target() {
+        let dir = std::env::temp_dir().join(format!("contract-link-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("folder");
+        std::os::unix::fs::symlink(dir.join("real.db"), dir.join("link.db")).expect("symlink");
+        let through_link = Ownership::claim(&format!("sqlite://{}/link.db", dir.display()))
+            .expect("claim")
+            .expect("sqlite");
+        let refused = Ownership::claim(&format!("sqlite://{}/real.db", dir.display()))
+            .expect_err("the same file");
+        assert!(refused.to_string().contains("another process"), "{refused}");
+        drop(through_link);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
