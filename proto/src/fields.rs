@@ -97,11 +97,18 @@ pub fn display_name(field: &str, raw: &str) -> Result<String, Violation> {
     if raw.chars().any(char::is_control) {
         return Err(Violation::new(field, "must not contain control characters"));
     }
-    if raw.chars().any(is_invisible_format) || misplaced_joiner(raw) {
+    if raw.chars().any(is_invisible_format) {
         return Err(Violation::new(
             field,
-            "must not contain invisible formatting characters (a zero-width joiner or \
-             non-joiner only between the letters of a script that uses it, or emoji)",
+            "must not contain invisible formatting characters (bidi controls, zero-width \
+             spaces, the byte-order mark)",
+        ));
+    }
+    if misplaced_joiner(raw) {
+        return Err(Violation::new(
+            field,
+            "a zero-width joiner or non-joiner may only stand between two letters of a \
+             script that uses it, or between emoji",
         ));
     }
     let trimmed = raw.trim();
@@ -153,7 +160,9 @@ mod tests {
         assert!(display_name("f", "a\u{7}b").is_err());
         assert!(display_name("f", "Bob\n").is_err());
         assert!(display_name("f", "\tBob").is_err());
-        assert!(display_name("f", "Bob\u{202E}gnp.exe").is_err());
+        let message = |name: &str| display_name("f", name).err().map(|v| v.description);
+        assert!(message("Bob\u{202E}gnp.exe").is_some_and(|m| m.contains("bidi controls")));
+        assert!(message("Bo\u{200D}b").is_some_and(|m| m.contains("zero-width joiner")));
         assert!(display_name("f", "Bo\u{200B}b").is_err());
         assert!(display_name("f", "Bob\u{2066}Admin\u{2069}").is_err());
         assert!(display_name("f", "\u{FEFF}Bob").is_err());
