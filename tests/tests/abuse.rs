@@ -23,13 +23,25 @@ fn retry_after(status: &tonic::Status) -> Duration {
         .expect("RetryInfo with a delay")
 }
 
-async fn failed_sign_ins_throttle_that_upn_only(backend: Backend) {
-    let db = db_or_skip!(backend);
-    let mut config = directory_config(&db);
+/// A directory whose UPNs may fail to sign in five times a minute, a client, and a tenant.
+async fn five_failures_a_minute(
+    db: &TestDb,
+) -> (
+    DirectoryServer,
+    pb::directory_service_client::DirectoryServiceClient<tonic::transport::Channel>,
+    Tenant,
+) {
+    let mut config = directory_config(db);
     config.limits.signin_failures_per_upn_per_minute = 5;
     let server = DirectoryServer::start_with(config).await;
     let mut client = server.client().await;
     let t = sign_up(&mut client, "contoso").await;
+    (server, client, t)
+}
+
+async fn failed_sign_ins_throttle_that_upn_only(backend: Backend) {
+    let db = db_or_skip!(backend);
+    let (_server, mut client, t) = five_failures_a_minute(&db).await;
     let (jane, _) = add_user(&mut client, &t, "jane", &[]).await;
 
     for _ in 0..5 {
@@ -81,11 +93,7 @@ async fn failed_sign_ins_throttle_that_upn_only(backend: Backend) {
 /// with tokens left before any of its guesses has failed.
 async fn concurrent_guesses_share_the_upns_failure_budget(backend: Backend) {
     let db = db_or_skip!(backend);
-    let mut config = directory_config(&db);
-    config.limits.signin_failures_per_upn_per_minute = 5;
-    let server = DirectoryServer::start_with(config).await;
-    let mut client = server.client().await;
-    let t = sign_up(&mut client, "contoso").await;
+    let (_server, mut client, t) = five_failures_a_minute(&db).await;
     let upn = t.admin.user_principal_name.clone();
     let guesses = (0..40).map(|i| {
         let mut client = client.clone();

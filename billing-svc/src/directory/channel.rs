@@ -564,11 +564,11 @@ mod tests {
     async fn replica_that_goes_away(listener: tokio::net::TcpListener, accepted: Arc<AtomicU64>) {
         while let Ok((socket, _)) = listener.accept().await {
             accepted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(go_away_on_first_call(socket));
+            tokio::spawn(go_away_at_every_call(socket));
         }
     }
 
-    async fn go_away_on_first_call(mut socket: TcpStream) -> std::io::Result<()> {
+    async fn go_away_at_every_call(mut socket: TcpStream) -> std::io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         const HEADERS: u8 = 0x1;
         const SETTINGS: u8 = 0x4;
