@@ -56,11 +56,12 @@ where
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    crate::rpc::init_tracing(launch.json_logs);
+    let log = crate::rpc::init_tracing(launch.json_logs);
     let running = async {
         if let Some(addr) = launch.metrics_listen {
             crate::metrics::install(addr)?;
         }
+        log.report_drops();
         serve(config).await
     };
     match running.await {

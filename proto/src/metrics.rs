@@ -2,7 +2,8 @@
 //!
 //! Names: `grpc_server_handled_total{method,code}`, `grpc_server_handling_seconds{method}`
 //! (histogram), `grpc_server_in_flight`, `db_pool_connections{state}`, and billing's
-//! `directory_client_requests_total{code}` and `directory_client_request_seconds`.
+//! `directory_client_requests_total{code}` and `directory_client_request_seconds`, and
+//! `log_lines_dropped_total` (see [`crate::rpc::init_tracing`]).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

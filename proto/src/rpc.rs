@@ -166,20 +166,86 @@ pub async fn shutdown_signal() {
 
 /// Installs the global `tracing` subscriber: human-readable lines, or one JSON object per line.
 /// The filter comes from `RUST_LOG` (default `info`).
-pub fn init_tracing(json: bool) {
+///
+/// Lines are written to stderr by a thread of their own, not by the thread that logs: every
+/// call logs a line, and a `write` to a log file can block for milliseconds while the file
+/// system commits its journal (seen at 5 ms under a purchase load, with the database syncing
+/// beside it), stalling every call queued on that runtime thread. The writer thread takes
+/// whatever lines are queued and writes them with one `write`. If the queue fills (the sink
+/// is stalled; [`LOG_QUEUE_LINES`] lines), lines are dropped rather than stall the service,
+/// and counted: see [`LogGuard::dropped`]. Keep the guard until the process ends; dropping it
+/// writes what is queued.
+pub fn init_tracing(json: bool) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal as _;
+    let ansi = std::io::stderr().is_terminal();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .thread_name("log-writer")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
+    let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour codes only on a terminal: a log file or collector gets plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(writer);
     let _ = if json {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+    LogGuard {
+        _writer: guard,
+        dropped,
+    }
+}
+
+/// Log lines that may wait for the writer thread.
+pub const LOG_QUEUE_LINES: usize = 64 * 1024;
+
+/// Keeps the log writer thread; dropping it writes the lines still queued.
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard {
+    _writer: tracing_appender::non_blocking::WorkerGuard,
+    dropped: tracing_appender::non_blocking::ErrorCounter,
+}
+
+impl LogGuard {
+    /// Lines dropped so far because the queue was full.
+    pub fn dropped(&self) -> usize {
+        self.dropped.dropped_lines()
+    }
+
+    /// Starts the task that reports dropped lines, every second in which some were: as the
+    /// `log_lines_dropped_total` counter and as a warning (logged once the queue has room).
+    /// Call inside the tokio runtime; the task ends with the runtime.
+    pub fn report_drops(&self) {
+        let dropped = self.dropped.clone();
+        tokio::spawn(async move {
+            let mut reported = 0;
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                let now = dropped.dropped_lines();
+                if now > reported {
+                    let lines = now - reported;
+                    metrics::counter!("log_lines_dropped_total").increment(lines as u64);
+                    tracing::warn!(lines, "the log writer fell behind: lines dropped");
+                    reported = now;
+                }
+            }
+        });
+    }
+}
+
+impl std::fmt::Debug for LogGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogGuard")
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The request id of an RPC: the caller's `x-request-id` when it is sane, else a new UUID. The

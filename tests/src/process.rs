@@ -4,6 +4,7 @@ use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -61,6 +62,8 @@ pub struct Proc {
     pub addr: SocketAddr,
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    /// While set, nothing reads the service's stderr (a stalled log collector).
+    stall_logs: Arc<AtomicBool>,
 }
 
 impl Proc {
@@ -83,9 +86,14 @@ impl Proc {
         let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
         let logs = Arc::new(Mutex::new(Vec::new()));
         let kept = logs.clone();
+        let stall_logs = Arc::new(AtomicBool::new(false));
+        let stalled = stall_logs.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                while stalled.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 if let Ok(mut kept) = kept.lock() {
                     kept.push(line.clone());
                 }
@@ -101,7 +109,18 @@ impl Proc {
         let addr = rx
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("{binary_name} did not start serving"));
-        Self { addr, child, logs }
+        Self {
+            addr,
+            child,
+            logs,
+            stall_logs,
+        }
+    }
+
+    /// Stops (`true`) or resumes reading the service's stderr: stopped, the pipe fills up and
+    /// the service's writes to it block, as with a stalled log collector.
+    pub fn stall_logs(&self, stalled: bool) {
+        self.stall_logs.store(stalled, Ordering::Release);
     }
 
     /// The log lines (JSON) the service has written so far.

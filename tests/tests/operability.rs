@@ -188,3 +188,52 @@ async fn metrics_logs_request_ids_and_traces() {
         assert!(!line.contains(&tenant.token), "token in log: {line}");
     }
 }
+
+/// A log sink that stops reading (a stalled collector, a full pipe) does not stall the
+/// service: its lines wait for the log writer's thread, and none is lost once the sink reads
+/// again. When each call wrote its own line, the calls after the first pipe-full of lines
+/// (about 64 KiB) hung with the runtime's threads blocked in `write`.
+#[tokio::test]
+async fn a_stalled_log_sink_does_not_stall_the_service() {
+    let db = TestDb::sqlite();
+    let directory = Proc::directory(&db.url);
+    let mut dir =
+        dpb::directory_service_client::DirectoryServiceClient::new(channel(&directory).await);
+    directory.stall_logs(true);
+    // Each call logs a JSON line of about 400 bytes: 2,000 of them are ten pipes full.
+    const CALLS: usize = 2_000;
+    for i in 0..CALLS {
+        let mut request = tonic::Request::new(dpb::WhoAmIRequest {});
+        request.set_timeout(Duration::from_secs(5));
+        request.metadata_mut().insert(
+            "x-request-id",
+            format!("stalled-{i}").parse().expect("ascii"),
+        );
+        let refused = tokio::time::timeout(Duration::from_secs(10), dir.who_am_i(request))
+            .await
+            .unwrap_or_else(|_| panic!("call {i} hung while the log sink was stalled"))
+            .expect_err("no token");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "call {i}");
+    }
+    directory.stall_logs(false);
+    let logged = || -> std::collections::HashSet<String> {
+        directory
+            .logs()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["span"]["request_id"].as_str().map(str::to_owned))
+            .filter(|id| id.starts_with("stalled-"))
+            .collect()
+    };
+    for _ in 0..100 {
+        if logged().len() == CALLS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        logged().len(),
+        CALLS,
+        "every call's line reaches the sink once it reads again"
+    );
+}
