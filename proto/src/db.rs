@@ -171,7 +171,11 @@ impl WriteGate {
     /// that writers keep overtaking never completes, and the WAL would grow without bound).
     pub fn checkpoint_in_background(&self, pool: &AnyPool) {
         if self.0.is_some() {
-            tokio::spawn(checkpoint_wal(pool.clone(), self.clone()));
+            tokio::spawn(checkpoint_wal(
+                pool.clone(),
+                self.clone(),
+                RESTART_WAL_AT_FRAMES,
+            ));
         }
     }
 
@@ -187,11 +191,17 @@ impl WriteGate {
 /// How often the SQLite WAL is copied back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
-/// The WAL length (in pages, 4 MiB of 4 KiB pages) from which the checkpointer holds the
+/// The WAL length (in pages: 64 MiB of 4 KiB pages) from which the checkpointer holds the
 /// writers back for a moment so that the WAL starts over; shorter, it just keeps growing.
-const RESTART_WAL_AT_FRAMES: i64 = 1024;
+/// Under a sustained purchase load the WAL grows by about 5 MiB every 100 ms, and the held
+/// pass (two `fsync`s) takes 2-3 ms, sometimes 10-25: at 4 MiB every pass was a held one, and
+/// about one purchase in forty waited for it. At 64 MiB a held pass comes about once a second
+/// (purchases' p99 at 3,700/s open loop on SQLite, paired runs, 6 + 6 + 8 pairs: medians
+/// 7.4 -> 5.8, 7.7 -> 6.1 and 8.4 -> 6.5 ms; BENCHMARKS.md, ninth session). Without sustained writes the passive pass catches up and the WAL starts over on
+/// its own, long before this.
+const RESTART_WAL_AT_FRAMES: i64 = 16_384;
 
-async fn checkpoint_wal(pool: AnyPool, writers: WriteGate) {
+async fn checkpoint_wal(pool: AnyPool, writers: WriteGate, restart_at_frames: i64) {
     let mut every = tokio::time::interval(CHECKPOINT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The WAL's length in frames, as the checkpoint left it.
@@ -209,7 +219,7 @@ async fn checkpoint_wal(pool: AnyPool, writers: WriteGate) {
         every.tick().await;
         let mut done = match checkpoint(&pool, "passive").await {
             // Short enough: let it grow rather than make the writers wait.
-            Ok(frames) if frames < RESTART_WAL_AT_FRAMES => continue,
+            Ok(frames) if frames < restart_at_frames => continue,
             other => other.map(drop),
         };
         if done.is_ok()
@@ -569,7 +579,9 @@ mod tests {
             .await
             .expect("table");
         let gate = WriteGate::for_engine(Engine::Sqlite);
-        gate.checkpoint_in_background(&pool);
+        // The production threshold (64 MiB) with a 1,024-page one (4 MiB), so that these
+        // commits cross it many times.
+        tokio::spawn(checkpoint_wal(pool.clone(), gate.clone(), 1024));
         let body = "x".repeat(3000);
         let started = std::time::Instant::now();
         let mut commits = 0;

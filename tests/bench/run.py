@@ -5,7 +5,9 @@ For each backend (SQLite, PostgreSQL): starts release builds of directory-svc an
 on fresh databases (abuse limits off, argon2 at its production default), runs every scenario
 at concurrency 1, 16 and 64 (closed loop), measures each service's RSS idle and right after
 the concurrency-64 load, and prints Markdown tables with each scenario's ratio to the `health`
-baseline measured in the same run. Raw results go to target/bench/results-<backend>.json.
+baseline measured in the same run, and the share of the machine's CPU time the hypervisor
+stole during each run (`steal`: on a shared VM, a run with high steal measures the neighbours).
+Raw results go to target/bench/results-<backend>.json.
 
   cargo build --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen
   python3 tests/bench/run.py [--duration 5] [--warmup 1] [--backends sqlite,postgres]
@@ -45,12 +47,30 @@ def wait_port(port, timeout=30):
     raise SystemExit(f"nothing listening on {port}")
 
 
+def cpu_ticks():
+    """The machine's CPU time by state since boot (the first line of /proc/stat): user, nice,
+    system, idle, iowait, irq, softirq, steal, ..."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def steal_pct(before, after):
+    """The share of CPU time the hypervisor gave to other guests between two cpu_ticks(): on a
+    shared VM, the runs where it is high measure the neighbours, not the code."""
+    spent = [b - a for a, b in zip(before, after)]
+    return 100.0 * spent[7] / max(1, sum(spent[:8]))
+
+
 def loadgen(args):
+    """Runs the load generator; its JSON result, plus `steal_pct` during the run."""
+    before = cpu_ticks()
     out = subprocess.run([os.path.join(REL, "loadgen")] + args + ["--json"],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"loadgen {' '.join(args)} failed:\n{out.stderr}")
-    return json.loads(out.stdout)
+    result = json.loads(out.stdout)
+    result["steal_pct"] = steal_pct(before, cpu_ticks())
+    return result
 
 
 def pg_db(name):
@@ -190,8 +210,8 @@ def table(results):
     for r in runs:
         if r["scenario"] == "health":
             base[r["concurrency"]] = max(base.get(r["concurrency"], 0), r["requests_per_sec"])
-    lines = ["| scenario | c | req/s | vs health | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | c | req/s | vs health | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors | steal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if r.get("repeat"):
             continue
@@ -200,18 +220,18 @@ def table(results):
         errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
         lines.append(f"| {r['scenario']} | {r['concurrency']} | {r['requests_per_sec']:.0f} | {ratio:.0%} | "
                      f"{l['p50']/1000:.2f} | {l['p90']/1000:.2f} | {l['p99']/1000:.2f} | {l['p99_9']/1000:.2f} | "
-                     f"{l['max']/1000:.1f} | {errors} |")
+                     f"{l['max']/1000:.1f} | {errors} | {r['steal_pct']:.0f}% |")
     lines.append("")
     lines.append("Open loop at half of each scenario's best closed-loop rate (target: p99 <= 5 ms):")
     lines.append("")
-    lines.append("| scenario | best closed-loop req/s | offered req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | errors | p99 <= 5 ms |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| scenario | best closed-loop req/s | offered req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | errors | steal | p99 <= 5 ms |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in results.get("half_rate", []):
         l = r["latency_us"]
         errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
         lines.append(f"| {r['scenario']} | {r['best_closed_loop']:.0f} | {r['rate']:.0f} | {r['requests_per_sec']:.0f} | "
                      f"{l['p50']/1000:.2f} | {l['p99']/1000:.2f} | {l['p99_9']/1000:.2f} | {errors} | "
-                     f"{'yes' if l['p99'] <= 5000 else 'no'} |")
+                     f"{r['steal_pct']:.0f}% | {'yes' if l['p99'] <= 5000 else 'no'} |")
     rss = results["rss_kib"]
     lines.append("")
     lines.append(f"RSS idle: directory {rss['idle']['directory']/1024:.1f} MiB, billing {rss['idle']['billing']/1024:.1f} MiB; "

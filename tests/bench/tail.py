@@ -11,6 +11,11 @@ hits all scenarios alike), and reports each run's p99 and their median. `health`
 call to the directory) is the machine's floor: the latency any call sees from queueing for a
 core at that load, with the load generator on the same cores.
 
+Each run also records the share of CPU time the hypervisor stole from this VM meanwhile. A
+stolen slice stalls whatever held the core, for milliseconds, so runs with steal above
+STEAL_LIMIT_PCT measure the neighbours rather than the code: the table gives the median of all
+runs and, separately, of the runs under that limit.
+
   cargo build --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen
   python3 tests/bench/tail.py [--rounds 5] [--duration 5] [--backends sqlite,postgres]
 """
@@ -21,6 +26,7 @@ import run  # noqa: E402  (the matrix script: starting services, loadgen, Postgr
 
 SCENARIOS = "health,authorize,get-user,get-subscription,create-subscription"
 TARGET_MS = 5.0
+STEAL_LIMIT_PCT = 2.0
 
 
 def measure(backend, opts):
@@ -37,17 +43,20 @@ def measure(backend, opts):
 
         best = {}
         for scenario in scenarios:
-            best[scenario] = load(scenario, ["-c", "64"])["requests_per_sec"]
-            print(f"{backend:9} {scenario:20} closed loop c=64: {best[scenario]:8.0f}/s", flush=True)
-        p99s = {s: [] for s in scenarios}
+            r = load(scenario, ["-c", "64"])
+            best[scenario] = r["requests_per_sec"]
+            print(f"{backend:9} {scenario:20} closed loop c=64: {best[scenario]:8.0f}/s "
+                  f"steal={r['steal_pct']:.1f}%", flush=True)
+        p99s = {s: [] for s in scenarios}  # (p99 ms, steal %) of each run
         for round_ in range(opts.rounds):
             for scenario in scenarios:
                 rate = max(1, int(best[scenario] / 2))
                 r = load(scenario, ["-c", "512", "--rate", str(rate)])
                 p99 = r["latency_us"]["p99"] / 1000
-                p99s[scenario].append(p99)
+                p99s[scenario].append((p99, r["steal_pct"]))
                 print(f"{backend:9} {scenario:20} round {round_ + 1}: open loop {rate}/s "
-                      f"p50={r['latency_us']['p50'] / 1000:.2f}ms p99={p99:.2f}ms", flush=True)
+                      f"p50={r['latency_us']['p50'] / 1000:.2f}ms p99={p99:.2f}ms "
+                      f"steal={r['steal_pct']:.1f}%", flush=True)
     return [(backend, s, best[s], p99s[s]) for s in scenarios]
 
 
@@ -61,14 +70,19 @@ def main():
     rows = []
     for backend in opts.backends.split(","):
         rows += measure(backend, opts)
-    print(f"\n| backend | scenario | best closed loop (c=64) | half rate | p99 of each run (ms) "
-          f"| median | target <= {TARGET_MS:g} ms |")
-    print("|---|---|---|---|---|---|---|")
-    for backend, scenario, best, p99s in rows:
-        median = statistics.median(p99s)
+    print(f"\n| backend | scenario | best closed loop (c=64) | half rate | p99 of each run (ms; "
+          f"steal) | median | median of runs with steal < {STEAL_LIMIT_PCT:g}% | "
+          f"target <= {TARGET_MS:g} ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for backend, scenario, best, runs in rows:
+        median = statistics.median(p99 for p99, _ in runs)
+        clean = [p99 for p99, steal in runs if steal < STEAL_LIMIT_PCT]
+        clean_median = statistics.median(clean) if clean else None
+        judged = clean_median if clean_median is not None else median
         print(f"| {backend} | {scenario} | {best:.0f}/s | {int(best / 2)}/s | "
-              f"{', '.join(f'{x:.1f}' for x in p99s)} | {median:.1f} | "
-              f"{'met' if median <= TARGET_MS else 'missed'} |")
+              f"{', '.join(f'{p99:.1f} ({steal:.0f}%)' for p99, steal in runs)} | {median:.1f} | "
+              f"{f'{clean_median:.1f} ({len(clean)} runs)' if clean else 'no such run'} | "
+              f"{'met' if judged <= TARGET_MS else 'missed'} |")
 
 
 if __name__ == "__main__":
