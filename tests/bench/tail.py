@@ -7,7 +7,8 @@ factor of two, so the matrix's single figure per scenario says little about a ta
 This script starts both services (as tests/bench/run.py does), measures each scenario's best
 closed-loop rate at concurrency 64, then runs every scenario open loop at half that rate,
 --rounds times, one scenario after another in each round (so a noisy stretch of the machine
-hits all scenarios alike), and reports each run's p99 and their median. `health` (one cheap
+hits all scenarios alike; each round on a fresh pair of services and databases), and reports
+each run's p99 and their median. `health` (one cheap
 call to the directory) is the machine's floor: the latency any call sees from queueing for a
 core at that load, with the load generator on the same cores.
 
@@ -32,23 +33,27 @@ STEAL_LIMIT_PCT = 2.0
 def measure(backend, opts):
     dport, bport = 51071, 51072
     scenarios = opts.scenarios.split(",")
-    with run.service_pair(backend, "tail", dport, bport):
-        def load(scenario, extra):
-            r = run.loadgen(["--scenario", scenario, "--directory", f"127.0.0.1:{dport}",
-                             "--billing", f"127.0.0.1:{bport}", "--connections", "4",
-                             "--duration", str(opts.duration), "--warmup", "1"] + extra)
-            if r["errors"]:
-                raise SystemExit(f"{scenario}: errors {r['errors']}")
-            return r
 
-        best = {}
+    def load(scenario, extra):
+        r = run.loadgen(["--scenario", scenario, "--directory", f"127.0.0.1:{dport}",
+                         "--billing", f"127.0.0.1:{bport}", "--connections", "4",
+                         "--duration", str(opts.duration), "--warmup", "1"] + extra)
+        if r["errors"]:
+            raise SystemExit(f"{scenario}: errors {r['errors']}")
+        return r
+
+    best = {}
+    with run.service_pair(backend, "tail", dport, bport):
         for scenario in scenarios:
             r = load(scenario, ["-c", "64"])
             best[scenario] = r["requests_per_sec"]
             print(f"{backend:9} {scenario:20} closed loop c=64: {best[scenario]:8.0f}/s "
                   f"steal={r['steal_pct']:.1f}%", flush=True)
-        p99s = {s: [] for s in scenarios}  # (p99 ms, steal %) of each run
-        for round_ in range(opts.rounds):
+    p99s = {s: [] for s in scenarios}  # (p99 ms, steal %) of each run
+    for round_ in range(opts.rounds):
+        # Each round on fresh services and databases: the purchases of one round would
+        # otherwise pile up under the next (on PostgreSQL, autovacuum then runs among them).
+        with run.service_pair(backend, "tail", dport, bport):
             for scenario in scenarios:
                 rate = max(1, int(best[scenario] / 2))
                 r = load(scenario, ["-c", "512", "--rate", str(rate)])
