@@ -167,7 +167,7 @@ impl WriteGate {
     /// blocking anyone. Once the WAL is [`RESTART_WAL_AT_FRAMES`] long, the database file is
     /// synced (still without blocking anyone), then, holding the writers' turn for a moment, a
     /// second checkpoint copies and syncs the few pages written meanwhile. The checkpoint is
-    /// then complete, so the next write starts the WAL over and it stays small (a checkpoint
+    /// then complete, so the next write starts the WAL over and it stays bounded (a checkpoint
     /// that writers keep overtaking never completes, and the WAL would grow without bound).
     pub fn checkpoint_in_background(&self, pool: &AnyPool) {
         if self.0.is_some() {
@@ -567,8 +567,13 @@ mod tests {
 
     /// SQLite's own checkpoint is off on the pool's connections: without the background
     /// checkpointer, these commits would leave a WAL of tens of MiB.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_background_checkpoint_keeps_the_wal_small_under_constant_writes() {
+    /// Commits 3 KB rows, at least `commits` of them and for at least 500 ms, on a pool whose
+    /// WAL `checkpointer` looks after; the WAL's length once the checkpointer has had three
+    /// more passes, and the commits made.
+    async fn wal_after_constant_writes(
+        commits: usize,
+        checkpointer: impl FnOnce(&AnyPool, &WriteGate),
+    ) -> (u64, usize) {
         let dir = std::env::temp_dir().join(format!("contract-wal-{}", uuid::Uuid::new_v4()));
         let url = format!("sqlite://{}/w.db", dir.display());
         let pool = connect(&url, &PoolSettings::default())
@@ -579,31 +584,55 @@ mod tests {
             .await
             .expect("table");
         let gate = WriteGate::for_engine(Engine::Sqlite);
-        // The production threshold (64 MiB) with a 1,024-page one (4 MiB), so that these
-        // commits cross it many times.
-        tokio::spawn(checkpoint_wal(pool.clone(), gate.clone(), 1024));
+        checkpointer(&pool, &gate);
         let body = "x".repeat(3000);
         let started = std::time::Instant::now();
-        let mut commits = 0;
-        while commits < 6000 || started.elapsed() < Duration::from_millis(500) {
+        let mut made = 0;
+        while made < commits || started.elapsed() < Duration::from_millis(500) {
             let _turn = gate.enter().await;
             sqlx::query("INSERT INTO t (body) VALUES ($1)")
                 .bind(&body)
                 .execute(&pool)
                 .await
                 .expect("insert");
-            commits += 1;
+            made += 1;
         }
         tokio::time::sleep(CHECKPOINT_EVERY * 3).await;
         let wal = std::fs::metadata(dir.join("w.db-wal")).map_or(0, |m| m.len());
-        // Each commit appends its pages (a 4 KiB page of the row, and the b-tree pages it
-        // touches): without the checkpointer these commits leave a WAL of about 75 MB.
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+        (wal, made)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_background_checkpoint_keeps_the_wal_small_under_constant_writes() {
+        // The production threshold (64 MiB) replaced by a 1,024-page one (4 MiB), so that
+        // these commits cross it many times. Each commit appends its pages (a 4 KiB page of
+        // the row, and the b-tree pages it touches): without the checkpointer these commits
+        // leave a WAL of about 75 MB.
+        let (wal, commits) = wal_after_constant_writes(6000, |pool, gate| {
+            tokio::spawn(checkpoint_wal(pool.clone(), gate.clone(), 1024));
+        })
+        .await;
         assert!(
             wal < 32 * 1024 * 1024,
             "the WAL grew to {wal} bytes over {commits} commits"
         );
-        pool.close().await;
-        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_production_checkpointer_bounds_the_wal_at_its_threshold() {
+        // About 225 MB of WAL without the checkpointer; with it, at most the threshold and
+        // what the commits add while a pass runs.
+        let (wal, commits) = wal_after_constant_writes(18_000, |pool, gate| {
+            gate.checkpoint_in_background(pool);
+        })
+        .await;
+        let bound = RESTART_WAL_AT_FRAMES as u64 * 4096 + 32 * 1024 * 1024;
+        assert!(
+            wal < bound,
+            "the WAL grew to {wal} bytes (bound {bound}) over {commits} commits"
+        );
     }
 
     #[test]

@@ -171,10 +171,12 @@ pub async fn shutdown_signal() {
 /// call logs a line, and a `write` to a log file can block for milliseconds while the file
 /// system commits its journal (seen at 5 ms under a purchase load, with the database syncing
 /// beside it), stalling every call queued on that runtime thread. The writer thread takes
-/// whatever lines are queued and writes them with one `write`. If the queue fills (the sink
-/// is stalled; [`LOG_QUEUE_LINES`] lines), lines are dropped rather than stall the service,
-/// and counted: see [`LogGuard::dropped`]. Keep the guard until the process ends; dropping it
-/// writes what is queued.
+/// whatever lines are queued and writes them through a 64 KiB buffer, so a burst of lines
+/// costs a few `write`s rather than one each. If the queue fills (the sink is stalled;
+/// [`LOG_QUEUE_LINES`] lines), lines are dropped rather than stall the service, and counted:
+/// see [`LogGuard::dropped`]. Keep the guard until the process ends; dropping it writes what
+/// is queued, waiting for that at most about a second (tracing-appender's limit), so a sink
+/// stalled at exit loses the last lines.
 pub fn init_tracing(json: bool) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -184,7 +186,10 @@ pub fn init_tracing(json: bool) -> LogGuard {
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .lossy(true)
         .thread_name("log-writer")
-        .finish(std::io::BufWriter::new(std::io::stderr()));
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -205,7 +210,8 @@ pub fn init_tracing(json: bool) -> LogGuard {
 /// Log lines that may wait for the writer thread.
 pub const LOG_QUEUE_LINES: usize = 64 * 1024;
 
-/// Keeps the log writer thread; dropping it writes the lines still queued.
+/// Keeps the log writer thread; dropping it writes the lines still queued (within about a
+/// second).
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard {
     _writer: tracing_appender::non_blocking::WorkerGuard,
@@ -218,22 +224,36 @@ impl LogGuard {
         self.dropped.dropped_lines()
     }
 
-    /// Starts the task that reports dropped lines, every second in which some were: as the
-    /// `log_lines_dropped_total` counter and as a warning (logged once the queue has room).
-    /// Call inside the tokio runtime; the task ends with the runtime.
+    /// Starts the task that reports dropped lines, each second: as the
+    /// `log_lines_dropped_total` counter and as a warning line. While the queue is still full
+    /// that warning is dropped too; it does not count as one of the service's lines (the
+    /// counter does not grow by itself while a stalled sink sees no calls), and it is tried
+    /// again each second, with the lines dropped since, until one gets through. Call inside the tokio runtime;
+    /// the task ends with the runtime.
     pub fn report_drops(&self) {
         let dropped = self.dropped.clone();
         tokio::spawn(async move {
-            let mut reported = 0;
+            // Drops seen so far (ours included), and the service's drops no warning has told.
+            let (mut seen, mut untold) = (0, 0);
             let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
                 every.tick().await;
                 let now = dropped.dropped_lines();
-                if now > reported {
-                    let lines = now - reported;
+                if now > seen {
+                    let lines = now - seen;
                     metrics::counter!("log_lines_dropped_total").increment(lines as u64);
-                    tracing::warn!(lines, "the log writer fell behind: lines dropped");
-                    reported = now;
+                    untold += lines;
+                    seen = now;
+                }
+                if untold == 0 {
+                    continue;
+                }
+                tracing::warn!(lines = untold, "the log writer fell behind: lines dropped");
+                if dropped.dropped_lines() > seen {
+                    // The warning itself was dropped (or so we count one of the drops since).
+                    seen += 1;
+                } else {
+                    untold = 0;
                 }
             }
         });

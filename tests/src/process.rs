@@ -193,6 +193,8 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // A test that panicked with the logs stalled: let the reader thread run out.
+        self.stall_logs(false);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
