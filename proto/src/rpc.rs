@@ -233,30 +233,49 @@ impl LogGuard {
     pub fn report_drops(&self) {
         let dropped = self.dropped.clone();
         tokio::spawn(async move {
-            // Drops seen so far (ours included), and the service's drops no warning has told.
-            let (mut seen, mut untold) = (0, 0);
+            let mut report = DropReport::default();
             let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
                 every.tick().await;
-                let now = dropped.dropped_lines();
-                if now > seen {
-                    let lines = now - seen;
-                    metrics::counter!("log_lines_dropped_total").increment(lines as u64);
-                    untold += lines;
-                    seen = now;
-                }
-                if untold == 0 {
-                    continue;
-                }
-                tracing::warn!(lines = untold, "the log writer fell behind: lines dropped");
-                if dropped.dropped_lines() > seen {
-                    // The warning itself was dropped (or so we count one of the drops since).
-                    seen += 1;
-                } else {
-                    untold = 0;
+                let new = report.pass(
+                    || dropped.dropped_lines(),
+                    |lines| tracing::warn!(lines, "the log writer fell behind: lines dropped"),
+                );
+                if new > 0 {
+                    metrics::counter!("log_lines_dropped_total").increment(new as u64);
                 }
             }
         });
+    }
+}
+
+/// What the drop-reporting task keeps between its passes.
+#[derive(Debug, Default)]
+struct DropReport {
+    /// Drops counted so far, the task's own dropped warnings included.
+    seen: usize,
+    /// The service's drops that no warning that got through has told.
+    untold: usize,
+}
+
+impl DropReport {
+    /// One pass: `count` reads the drop counter, `warn` logs the warning for `lines` dropped.
+    /// Returns the service's lines dropped since the last pass.
+    fn pass(&mut self, count: impl Fn() -> usize, warn: impl FnOnce(usize)) -> usize {
+        let now = count();
+        let new = now.saturating_sub(self.seen);
+        self.untold += new;
+        self.seen = self.seen.max(now);
+        if self.untold > 0 {
+            warn(self.untold);
+            if count() > self.seen {
+                // The warning itself was dropped (or so we count one of the drops since).
+                self.seen += 1;
+            } else {
+                self.untold = 0;
+            }
+        }
+        new
     }
 }
 
@@ -640,6 +659,51 @@ fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_stalled_sink_is_warned_of_once_it_reads_and_its_own_warnings_are_not_counted() {
+        use std::cell::Cell;
+        let dropped = Cell::new(0);
+        let told = Cell::new(Vec::new());
+        let mut report = super::DropReport::default();
+        // The sink is stalled: 5 of the service's lines dropped, then each warning too.
+        dropped.set(5);
+        let stalled = |lines| {
+            let mut t = told.take();
+            t.push((lines, false));
+            told.set(t);
+            dropped.set(dropped.get() + 1);
+        };
+        assert_eq!(report.pass(|| dropped.get(), stalled), 5);
+        for _ in 0..10 {
+            assert_eq!(
+                report.pass(|| dropped.get(), stalled),
+                0,
+                "own drops not counted"
+            );
+        }
+        // It reads again: the next warning gets through with the five lines, then silence.
+        let through = |lines| {
+            let mut t = told.take();
+            t.push((lines, true));
+            told.set(t);
+        };
+        assert_eq!(report.pass(|| dropped.get(), through), 0);
+        assert_eq!(report.pass(|| dropped.get(), through), 0);
+        let told = told.take();
+        assert_eq!(told.len(), 12, "{told:?}");
+        assert!(
+            told[..11]
+                .iter()
+                .all(|&(lines, got_through)| lines == 5 && !got_through)
+        );
+        assert_eq!(told[11], (5, true));
+        // Three more of the service's lines dropped, the warning gets through.
+        dropped.set(dropped.get() + 3);
+        let mut last = 0;
+        assert_eq!(report.pass(|| dropped.get(), |lines| last = lines), 3);
+        assert_eq!(last, 3);
+    }
+
     use super::*;
     use std::time::Duration;
 
