@@ -197,8 +197,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// pass (two `fsync`s) takes 2-3 ms, sometimes 10-25: at 4 MiB every pass was a held one, and
 /// about one purchase in forty waited for it. At 64 MiB a held pass comes about once a second
 /// (purchases' p99 at 3,700/s open loop on SQLite, paired runs, 6 + 6 + 8 pairs: medians
-/// 7.4 -> 5.8, 7.7 -> 6.1 and 8.4 -> 6.5 ms; BENCHMARKS.md, ninth session). Without sustained writes the passive pass catches up and the WAL starts over on
-/// its own, long before this.
+/// 7.4 -> 5.8, 7.7 -> 6.1 and 8.4 -> 6.5 ms; BENCHMARKS.md, ninth session). Without
+/// sustained writes the passive pass catches up and the WAL starts over on its own, long
+/// before this.
 const RESTART_WAL_AT_FRAMES: i64 = 16_384;
 
 async fn checkpoint_wal(pool: AnyPool, writers: WriteGate, restart_at_frames: i64) {

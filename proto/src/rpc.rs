@@ -228,8 +228,8 @@ impl LogGuard {
     /// `log_lines_dropped_total` counter and as a warning line. While the queue is still full
     /// that warning is dropped too; it does not count as one of the service's lines (the
     /// counter does not grow by itself while a stalled sink sees no calls), and it is tried
-    /// again each second, with the lines dropped since, until one gets through. Call inside the tokio runtime;
-    /// the task ends with the runtime.
+    /// again each second, with the lines dropped since, until one gets through. Call inside
+    /// the tokio runtime; the task ends with the runtime.
     pub fn report_drops(&self) {
         let dropped = self.dropped.clone();
         tokio::spawn(async move {
