@@ -49,3 +49,15 @@ pub mod billing {
 
 /// Encoded `FileDescriptorSet` of both packages and their imports, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
+/// [`FILE_DESCRIPTOR_SET`] decoded, once: the API's services, methods and messages, for the
+/// code that checks names against them (metric labels, fields of undecodable requests).
+pub fn descriptors() -> &'static prost_types::FileDescriptorSet {
+    static DECODED: std::sync::OnceLock<prost_types::FileDescriptorSet> =
+        std::sync::OnceLock::new();
+    DECODED.get_or_init(|| {
+        use prost::Message as _;
+        // Written by build.rs from the protos at compile time; empty only if that broke.
+        prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap_or_default()
+    })
+}

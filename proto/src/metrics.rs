@@ -37,24 +37,21 @@ pub fn method_label(path: &str) -> &'static str {
     static KNOWN: OnceLock<HashSet<&'static str>> = OnceLock::new();
     let known = KNOWN.get_or_init(|| {
         let mut paths = HashSet::new();
-        for set in [
-            crate::FILE_DESCRIPTOR_SET,
+        // Ours, then the health and reflection services every server also serves.
+        let others: Vec<prost_types::FileDescriptorSet> = [
             tonic_health::pb::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-        ] {
-            let Ok(decoded) = prost_types::FileDescriptorSet::decode(set) else {
-                continue;
-            };
-            for file in decoded.file {
-                let package = file.package.unwrap_or_default();
-                for service in file.service {
-                    let service_name = service.name.unwrap_or_default();
-                    for method in service.method {
-                        let path = format!(
-                            "/{package}.{service_name}/{}",
-                            method.name.unwrap_or_default()
-                        );
+        ]
+        .into_iter()
+        .filter_map(|set| prost_types::FileDescriptorSet::decode(set).ok())
+        .collect();
+        for decoded in std::iter::once(crate::descriptors()).chain(&others) {
+            for file in &decoded.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        let path =
+                            format!("/{}.{}/{}", file.package(), service.name(), method.name());
                         paths.insert(&*Box::leak(path.into_boxed_str()));
                     }
                 }

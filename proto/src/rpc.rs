@@ -461,11 +461,8 @@ fn request_fields() -> &'static std::collections::HashSet<String> {
     static FIELDS: std::sync::OnceLock<std::collections::HashSet<String>> =
         std::sync::OnceLock::new();
     FIELDS.get_or_init(|| {
-        use prost::Message as _;
-        let Ok(set) = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET) else {
-            return std::collections::HashSet::new();
-        };
-        set.file
+        crate::descriptors()
+            .file
             .iter()
             .flat_map(|file| &file.message_type)
             .filter(|message| message.name().ends_with("Request"))
