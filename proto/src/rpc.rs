@@ -167,30 +167,16 @@ pub async fn shutdown_signal() {
 /// Installs the global `tracing` subscriber: human-readable lines, or one JSON object per line.
 /// The filter comes from `RUST_LOG` (default `info`).
 ///
-/// Lines are written to stderr by a thread of their own, not by the thread that logs: every
-/// call logs a line, and a `write` to a log file can block for milliseconds while the file
-/// system commits its journal (seen at 5 ms under a purchase load, with the database syncing
-/// beside it), stalling every call queued on that runtime thread. The writer thread takes
-/// whatever lines are queued and writes them through a 64 KiB buffer, so a burst of lines
-/// costs a few `write`s rather than one each. If the queue fills (the sink is stalled;
-/// [`LOG_QUEUE_LINES`] lines), lines are dropped rather than stall the service, and counted:
-/// see [`LogGuard::dropped`]. Keep the guard until the process ends; dropping it writes what
-/// is queued, waiting for that at most about a second (tracing-appender's limit), so a sink
-/// stalled at exit loses the last lines.
-pub fn init_tracing(json: bool) -> LogGuard {
+/// Lines go to stderr through [`crate::logs`]: a thread of their own writes them in batches,
+/// so a call never waits on a `write`, and a stalled sink makes the service drop lines
+/// (counted), never calls. Keep the guard until the process ends; dropping it writes what is
+/// buffered, waiting for that at most a second.
+pub fn init_tracing(json: bool) -> crate::logs::LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal as _;
     let ansi = std::io::stderr().is_terminal();
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .lossy(true)
-        .thread_name("log-writer")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
-    let dropped = writer.error_counter();
+    let (writer, guard) = crate::logs::start(std::io::stderr(), crate::logs::BUFFER_LIMIT);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour codes only on a terminal: a log file or collector gets plain text.
@@ -201,90 +187,7 @@ pub fn init_tracing(json: bool) -> LogGuard {
     } else {
         builder.try_init()
     };
-    LogGuard {
-        _writer: guard,
-        dropped,
-    }
-}
-
-/// Log lines that may wait for the writer thread.
-pub const LOG_QUEUE_LINES: usize = 64 * 1024;
-
-/// Keeps the log writer thread; dropping it writes the lines still queued (within about a
-/// second).
-#[must_use = "dropping the guard stops the log writer"]
-pub struct LogGuard {
-    _writer: tracing_appender::non_blocking::WorkerGuard,
-    dropped: tracing_appender::non_blocking::ErrorCounter,
-}
-
-impl LogGuard {
-    /// Lines dropped so far because the queue was full.
-    pub fn dropped(&self) -> usize {
-        self.dropped.dropped_lines()
-    }
-
-    /// Starts the task that reports dropped lines, each second: as the
-    /// `log_lines_dropped_total` counter and as a warning line. While the queue is still full
-    /// that warning is dropped too; it does not count as one of the service's lines (the
-    /// counter does not grow by itself while a stalled sink sees no calls), and it is tried
-    /// again each second, with the lines dropped since, until one gets through. Call inside
-    /// the tokio runtime; the task ends with the runtime.
-    pub fn report_drops(&self) {
-        let dropped = self.dropped.clone();
-        tokio::spawn(async move {
-            let mut report = DropReport::default();
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
-            loop {
-                every.tick().await;
-                let new = report.pass(
-                    || dropped.dropped_lines(),
-                    |lines| tracing::warn!(lines, "the log writer fell behind: lines dropped"),
-                );
-                if new > 0 {
-                    metrics::counter!("log_lines_dropped_total").increment(new as u64);
-                }
-            }
-        });
-    }
-}
-
-/// What the drop-reporting task keeps between its passes.
-#[derive(Debug, Default)]
-struct DropReport {
-    /// Drops counted so far, the task's own dropped warnings included.
-    seen: usize,
-    /// The service's drops that no warning that got through has told.
-    untold: usize,
-}
-
-impl DropReport {
-    /// One pass: `count` reads the drop counter, `warn` logs the warning for `lines` dropped.
-    /// Returns the service's lines dropped since the last pass.
-    fn pass(&mut self, count: impl Fn() -> usize, warn: impl FnOnce(usize)) -> usize {
-        let now = count();
-        let new = now.saturating_sub(self.seen);
-        self.untold += new;
-        self.seen = self.seen.max(now);
-        if self.untold > 0 {
-            warn(self.untold);
-            if count() > self.seen {
-                // The warning itself was dropped (or so we count one of the drops since).
-                self.seen += 1;
-            } else {
-                self.untold = 0;
-            }
-        }
-        new
-    }
-}
-
-impl std::fmt::Debug for LogGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogGuard")
-            .field("dropped", &self.dropped())
-            .finish_non_exhaustive()
-    }
+    guard
 }
 
 /// The request id of an RPC: the caller's `x-request-id` when it is sane, else a new UUID. The
@@ -656,51 +559,6 @@ fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn a_stalled_sink_is_warned_of_once_it_reads_and_its_own_warnings_are_not_counted() {
-        use std::cell::Cell;
-        let dropped = Cell::new(0);
-        let told = Cell::new(Vec::new());
-        let mut report = super::DropReport::default();
-        // The sink is stalled: 5 of the service's lines dropped, then each warning too.
-        dropped.set(5);
-        let stalled = |lines| {
-            let mut t = told.take();
-            t.push((lines, false));
-            told.set(t);
-            dropped.set(dropped.get() + 1);
-        };
-        assert_eq!(report.pass(|| dropped.get(), stalled), 5);
-        for _ in 0..10 {
-            assert_eq!(
-                report.pass(|| dropped.get(), stalled),
-                0,
-                "own drops not counted"
-            );
-        }
-        // It reads again: the next warning gets through with the five lines, then silence.
-        let through = |lines| {
-            let mut t = told.take();
-            t.push((lines, true));
-            told.set(t);
-        };
-        assert_eq!(report.pass(|| dropped.get(), through), 0);
-        assert_eq!(report.pass(|| dropped.get(), through), 0);
-        let told = told.take();
-        assert_eq!(told.len(), 12, "{told:?}");
-        assert!(
-            told[..11]
-                .iter()
-                .all(|&(lines, got_through)| lines == 5 && !got_through)
-        );
-        assert_eq!(told[11], (5, true));
-        // Three more of the service's lines dropped, the warning gets through.
-        dropped.set(dropped.get() + 3);
-        let mut last = 0;
-        assert_eq!(report.pass(|| dropped.get(), |lines| last = lines), 3);
-        assert_eq!(last, 3);
-    }
-
     use super::*;
     use std::time::Duration;
 
