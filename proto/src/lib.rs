@@ -8,8 +8,8 @@
 //! - [`mac`]: the domain-bound, truncated HMAC-SHA256 tags page and access tokens carry.
 //! - [`rpc`]: turning a service's error into a `tonic::Status` with `ErrorInfo` and
 //!   `BadRequest`, and the server plumbing (health, reflection, per-RPC spans, shutdown).
-//! - [`logs`]: the log writer thread, which writes log lines in batches and never stalls a
-//!   call.
+//! - [`logs`]: the log writer thread, which writes log lines in batches, so a call never waits
+//!   on the log sink.
 //! - [`db`]: opening the service's own database (embedded SQLite or PostgreSQL) with the same
 //!   code path, and persisted secrets.
 //! - [`batch`]: point reads by key that wait at the same time share one query.

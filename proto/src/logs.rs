@@ -4,8 +4,8 @@
 //! file system commits its journal (seen at 5 ms under a purchase load, with the database
 //! syncing beside it), stalling every call queued on that runtime thread. So the thread that
 //! logs only appends the line to a shared buffer. The writer thread takes the whole buffer
-//! at once and writes it with one `write`, at most every [`FLUSH_EVERY`]: a line waits that
-//! long at most (plus the write before it).
+//! at once and writes it with one `write_all`, at most every [`FLUSH_EVERY`]: a line waits
+//! that long at most (plus the write before it).
 //!
 //! Nothing wakes the writer per line. A writer woken for each line (tracing-appender's,
 //! which this replaced) cost each call a thread wake-up and a `write` of its own: about 10 µs
@@ -14,8 +14,9 @@
 //! while lines keep coming, and waits for the next line when none came.
 //!
 //! If the sink stalls (a collector that stopped reading, a full pipe), lines collect up to
-//! [`BUFFER_LIMIT`] bytes; past that, lines are dropped rather than stall the service, and
-//! counted ([`LogGuard::dropped`], reported by [`LogGuard::report_drops`]).
+//! [`BUFFER_LIMIT`] bytes besides the batch the writer is stuck writing; past that, lines are
+//! dropped rather than wait for the sink, and counted ([`LogGuard::dropped`], reported by
+//! [`LogGuard::report_drops`]).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,8 +26,8 @@ use std::time::Duration;
 /// The longest a line waits in the buffer while the writer gathers the lines that follow it.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(10);
 
-/// Bytes of lines that may wait for the writer; past this, lines are dropped (about 20,000
-/// lines of 400 bytes).
+/// Bytes of lines that may wait for the writer, besides the batch it is writing; past this,
+/// lines are dropped (about 20,000 lines of 400 bytes).
 pub const BUFFER_LIMIT: usize = 8 * 1024 * 1024;
 
 /// How long dropping the [`LogGuard`] waits for the writer to write what is buffered.
@@ -61,10 +62,17 @@ impl Shared {
 
     fn append(&self, line: &[u8]) {
         let mut state = self.state();
-        if state.lines.len() + line.len() > self.limit {
+        let needed = state.lines.len() + line.len();
+        if needed > self.limit {
             drop(state);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
+        }
+        if needed > state.lines.capacity() {
+            // Doubling, but never past the limit.
+            let capacity = (state.lines.capacity() * 2).clamp(needed, self.limit);
+            let more = capacity - state.lines.len();
+            state.lines.reserve_exact(more);
         }
         state.lines.extend_from_slice(line);
         let wake = std::mem::take(&mut state.waiting);
@@ -160,7 +168,8 @@ fn write_batches(shared: &Shared, mut out: impl Write) {
         std::mem::swap(&mut state.lines, &mut batch);
         let closing = state.closing;
         drop(state);
-        // A failed write (the sink is gone) loses this batch; the next one is tried anew.
+        // A failed write (the sink is gone) loses what of this batch it did not write, which
+        // may end in half a line; the next batch is tried anew.
         let _ = out.write_all(&batch).and_then(|()| out.flush());
         batch.clear();
         if batch.capacity() > KEEP_CAPACITY {
@@ -270,6 +279,8 @@ mod tests {
     #[derive(Clone, Default)]
     struct Collector {
         got: Arc<Mutex<Vec<u8>>>,
+        /// Writes begun (a held sink blocks them), and writes done.
+        begun: Arc<AtomicUsize>,
         writes: Arc<AtomicUsize>,
         shut: Arc<(Mutex<bool>, Condvar)>,
     }
@@ -284,6 +295,15 @@ mod tests {
             String::from_utf8(self.got.lock().expect("lock").clone()).expect("utf-8")
         }
 
+        /// Waits until `n` writes have begun.
+        fn begun(&self, n: usize) {
+            let until = Instant::now() + Duration::from_secs(5);
+            while self.begun.load(Ordering::Relaxed) < n && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(self.begun.load(Ordering::Relaxed) >= n, "no write began");
+        }
+
         fn wait_for(&self, lines: usize) -> String {
             let until = Instant::now() + Duration::from_secs(5);
             while self.text().lines().count() < lines && Instant::now() < until {
@@ -295,6 +315,7 @@ mod tests {
 
     impl Write for Collector {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.begun.fetch_add(1, Ordering::Relaxed);
             let (shut, opened) = &*self.shut;
             let mut shut = shut.lock().expect("lock");
             while *shut {
@@ -363,7 +384,7 @@ mod tests {
         let (sink, guard) = start(out.clone(), 90);
         log(&sink, "line 000\n");
         // The writer has taken the first line and is stuck writing it.
-        std::thread::sleep(FLUSH_EVERY * 5);
+        out.begun(1);
         for i in 1..=25 {
             log(&sink, &format!("line {i:03}\n"));
         }
@@ -376,6 +397,37 @@ mod tests {
         log(&sink, "line 026\n");
         assert!(out.wait_for(12).ends_with("line 010\nline 026\n"));
         assert_eq!(guard.dropped(), 15);
+    }
+
+    #[test]
+    fn a_waiting_writer_is_woken_by_the_next_line() {
+        let out = Collector::default();
+        let (sink, _guard) = start(out.clone(), BUFFER_LIMIT);
+        let until = Instant::now() + Duration::from_secs(5);
+        while !sink.0.state().waiting && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(sink.0.state().waiting, "the writer waits for a line");
+        log(&sink, "wake up\n");
+        assert_eq!(out.wait_for(1), "wake up\n");
+    }
+
+    #[test]
+    fn a_full_buffer_never_grows_past_the_limit() {
+        let out = Collector::default();
+        out.hold(true);
+        let (sink, guard) = start(out.clone(), 1000);
+        log(&sink, "first\n");
+        out.begun(1);
+        for _ in 0..200 {
+            log(&sink, "0123456789\n");
+        }
+        let state = sink.0.state();
+        assert_eq!(state.lines.len(), 990, "90 lines of 11 bytes");
+        assert!(state.lines.capacity() <= 1000, "{}", state.lines.capacity());
+        drop(state);
+        assert_eq!(guard.dropped(), 110);
+        out.hold(false);
     }
 
     #[test]
@@ -399,7 +451,7 @@ mod tests {
         out.hold(true);
         let (sink, guard) = start(out.clone(), BUFFER_LIMIT);
         log(&sink, "stuck\n");
-        std::thread::sleep(FLUSH_EVERY * 3);
+        out.begun(1);
         let started = Instant::now();
         drop(guard);
         let waited = started.elapsed();
