@@ -331,6 +331,17 @@ mod tests {
         }
     }
 
+    /// A writer over a held sink, stuck writing its first line (`first`), with room for
+    /// `limit` bytes besides.
+    fn stuck(limit: usize) -> (Collector, LogSink, LogGuard) {
+        let out = Collector::default();
+        out.hold(true);
+        let (sink, guard) = start(out.clone(), limit);
+        log(&sink, "first\n");
+        out.begun(1);
+        (out, sink, guard)
+    }
+
     fn log(sink: &LogSink, line: &str) {
         use tracing_subscriber::fmt::MakeWriter as _;
         sink.make_writer()
@@ -378,21 +389,16 @@ mod tests {
 
     #[test]
     fn a_stalled_sink_drops_and_counts_lines_past_the_limit_and_gets_the_rest() {
-        let out = Collector::default();
-        out.hold(true);
-        // Room for ten lines of 9 bytes.
-        let (sink, guard) = start(out.clone(), 90);
-        log(&sink, "line 000\n");
-        // The writer has taken the first line and is stuck writing it.
-        out.begun(1);
+        // Room for ten lines of 9 bytes besides the first, which the writer is stuck writing.
+        let (out, sink, guard) = stuck(90);
         for i in 1..=25 {
             log(&sink, &format!("line {i:03}\n"));
         }
         assert_eq!(guard.dropped(), 15, "lines 11 to 25 do not fit");
         out.hold(false);
         let text = out.wait_for(11);
-        let expected: String = (0..=10).map(|i| format!("line {i:03}\n")).collect();
-        assert_eq!(text, expected);
+        let expected: String = (1..=10).map(|i| format!("line {i:03}\n")).collect();
+        assert_eq!(text, format!("first\n{expected}"));
         // Room again.
         log(&sink, "line 026\n");
         assert!(out.wait_for(12).ends_with("line 010\nline 026\n"));
@@ -414,11 +420,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_never_grows_past_the_limit() {
-        let out = Collector::default();
-        out.hold(true);
-        let (sink, guard) = start(out.clone(), 1000);
-        log(&sink, "first\n");
-        out.begun(1);
+        let (out, sink, guard) = stuck(1000);
         for _ in 0..200 {
             log(&sink, "0123456789\n");
         }
@@ -447,11 +449,7 @@ mod tests {
 
     #[test]
     fn dropping_the_guard_waits_at_most_a_second_for_a_stalled_sink() {
-        let out = Collector::default();
-        out.hold(true);
-        let (sink, guard) = start(out.clone(), BUFFER_LIMIT);
-        log(&sink, "stuck\n");
-        out.begun(1);
+        let (out, _sink, guard) = stuck(BUFFER_LIMIT);
         let started = Instant::now();
         drop(guard);
         let waited = started.elapsed();
