@@ -182,7 +182,7 @@ fn write_batches(shared: &Shared, mut out: impl Write) {
 }
 
 /// Keeps the log writer thread. Dropping it writes the lines still buffered, waiting for
-/// that at most [`FLUSH_AT_EXIT`], so a sink stalled at exit loses the last lines.
+/// that at most a second, so a sink stalled at exit loses the last lines.
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard {
     shared: Arc<Shared>,

@@ -3,7 +3,7 @@
 //! Names: `grpc_server_handled_total{method,code}`, `grpc_server_handling_seconds{method}`
 //! (histogram), `grpc_server_in_flight`, `db_pool_connections{state}`, and billing's
 //! `directory_client_requests_total{code}` and `directory_client_request_seconds`, and
-//! `log_lines_dropped_total` (see [`crate::rpc::init_tracing`]).
+//! `log_lines_dropped_total` (see [`crate::logs::LogGuard::report_drops`]).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
