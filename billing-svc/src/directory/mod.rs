@@ -8,7 +8,7 @@
 //! goes to it. A replica that fails is marked down for a moment, so calls go to the others at
 //! once instead of waiting on it.
 
-mod channel;
+pub mod channel;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

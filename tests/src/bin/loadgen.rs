@@ -229,7 +229,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let connections = usize::try_from(args.connections).context("--connections is too large")?;
     let mut conns = Vec::with_capacity(connections);
     for _ in 0..connections {
-        conns.push(Conn::new(scenario::connect(&target_url).await?));
+        conns.push(Conn::new(&target_url)?);
     }
     // One call first: a wrong target or a broken setup fails here, not as a run of errors.
     let first = conns.first_mut().context("no connection")?;

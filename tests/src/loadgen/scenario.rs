@@ -5,6 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use billing_svc::directory::channel::{H2Channel, Target};
 use clap::ValueEnum;
 use contract::billing::v1 as bpb;
 use contract::billing::v1::billing_service_client::BillingServiceClient;
@@ -132,7 +133,7 @@ pub fn check_loopback(url: &str, allow_remote: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A new HTTP/2 connection to `url` (each call makes its own connection).
+/// A new HTTP/2 connection to `url` for the setup calls (each call makes its own connection).
 pub async fn connect(url: &str) -> anyhow::Result<Channel> {
     Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("{url} is not a valid address"))?
@@ -143,21 +144,34 @@ pub async fn connect(url: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot connect to {url}"))
 }
 
-/// The clients of one connection.
+/// The clients of one HTTP/2 connection, the one the load goes over.
+///
+/// The connection is billing's own channel to the directory (`H2Channel`: the calling task
+/// sends the call on the connection itself), not tonic's `Channel`, which hands every call to
+/// a buffer task and has hyper spawn a task to send each request body. On a two-core machine
+/// the load generator shares the cores with what it measures, so those two task wake-ups per
+/// call were paid by the services too (BENCHMARKS.md, eleventh session).
 #[derive(Clone)]
 pub struct Conn {
-    health: HealthClient<Channel>,
-    directory: DirectoryServiceClient<Channel>,
-    billing: BillingServiceClient<Channel>,
+    health: HealthClient<H2Channel>,
+    directory: DirectoryServiceClient<H2Channel>,
+    billing: BillingServiceClient<H2Channel>,
 }
 
 impl Conn {
-    pub fn new(channel: Channel) -> Self {
-        Self {
-            health: HealthClient::new(channel.clone()),
-            directory: DirectoryServiceClient::new(channel.clone()),
-            billing: BillingServiceClient::new(channel),
+    /// Clients of a new connection to `url` (`http://`; connected on the first call).
+    pub fn new(url: &str) -> anyhow::Result<Self> {
+        if !url.starts_with("http://") {
+            bail!("{url}: the load generator speaks plaintext HTTP/2 only (http://)");
         }
+        let target = Target::parse(url, None)?;
+        let channel = H2Channel::lazy(&target, Duration::from_secs(5));
+        let origin = target.origin();
+        Ok(Self {
+            health: HealthClient::with_origin(channel.clone(), origin.clone()),
+            directory: DirectoryServiceClient::with_origin(channel.clone(), origin.clone()),
+            billing: BillingServiceClient::with_origin(channel, origin),
+        })
     }
 }
 
