@@ -65,7 +65,8 @@ pub type RowReader<V> = fn(&AnyRow) -> Result<(String, V), sqlx::Error>;
 
 impl<V: Clone + Send + 'static> PointReads<V> {
     /// Starts the workers (two, fewer on a small pool) answering reads on `pool` with
-    /// `{head} ($1, ...)` (see [`Statements`]) and `row` for each result row.
+    /// `{head} ($1, ...)` (padded to a power of two keys, so each connection prepares at most
+    /// seven statements) and `row` for each result row.
     pub fn start(pool: AnyPool, head: String, row: RowReader<V>) -> Self {
         let (queue, waiting) = mpsc::channel(QUEUE);
         let waiting = Arc::new(Mutex::new(waiting));

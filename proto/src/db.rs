@@ -53,7 +53,7 @@ pub(crate) const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 /// Every connection sqlx's pool takes back is pinged first (one more round trip per
 /// statement: a network hop on PostgreSQL, a wake of the connection's worker thread on
 /// SQLite). A task that runs statements back to back keeps one instead: it is pinged only
-/// after [`IDLE_BEFORE_PING`] without use (as the pool does with its own idle connections),
+/// after a second without use (as the pool does with its own idle connections),
 /// given back after a failure (the pool tests it on the way back) and when the pool starts
 /// closing (see [`HeldConnection::wait`]).
 #[derive(Debug)]
@@ -163,8 +163,8 @@ impl WriteGate {
     ///
     /// SQLite's automatic checkpoint runs inside the commit that crosses 1,000 WAL pages, so
     /// that commit, and every write queued behind it, waits while megabytes of pages are
-    /// copied. Here, every [`CHECKPOINT_EVERY`], a PASSIVE checkpoint copies the WAL without
-    /// blocking anyone. Once the WAL is [`RESTART_WAL_AT_FRAMES`] long, the database file is
+    /// copied. Here, every 100 ms, a PASSIVE checkpoint copies the WAL without
+    /// blocking anyone. Once the WAL is 16,384 frames (64 MiB) long, the database file is
     /// synced (still without blocking anyone), then, holding the writers' turn for a moment, a
     /// second checkpoint copies and syncs the few pages written meanwhile. The checkpoint is
     /// then complete, so the next write starts the WAL over and it stays bounded (a checkpoint

@@ -252,6 +252,18 @@ pub fn record_directory(directory_id: &str) {
     tracing::Span::current().record("directory_id", directory_id);
 }
 
+/// A header value that differs on every call (a request id, a `traceparent`, a deadline),
+/// marked never-indexed: HPACK then sends it as a literal instead of adding it to the
+/// connection's dynamic table, where a new value per call would only evict the entries that
+/// do repeat (content type, the authority), and where h2 compares a header with every entry
+/// of the same name before it adds one, so a table full of request ids cost billing about 4%
+/// of its CPU (BENCHMARKS.md, eleventh session).
+pub fn per_call_value(value: &str) -> Option<http::HeaderValue> {
+    let mut value = http::HeaderValue::from_str(value).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
 fn sane_request_id(value: &http::HeaderValue) -> Option<&str> {
     let s = value.to_str().ok()?;
     (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())).then_some(s)
@@ -467,7 +479,7 @@ where
                 details,
             )
             .into_http::<RB>();
-            if let Ok(value) = http::HeaderValue::from_str(&id) {
+            if let Some(value) = per_call_value(&id) {
                 response.headers_mut().insert(REQUEST_ID, value);
             }
             span.record("code", "RESOURCE_EXHAUSTED");
@@ -517,7 +529,7 @@ where
                         }
                         span.record("code", crate::metrics::code_name(code));
                         crate::metrics::record_rpc(method, code, elapsed);
-                        if let Ok(value) = http::HeaderValue::from_str(&id) {
+                        if let Some(value) = per_call_value(&id) {
                             response.headers_mut().insert(REQUEST_ID, value);
                         }
                         tracing::info!("rpc finished");

@@ -154,14 +154,14 @@ impl Authorizer for GrpcDirectory {
         let bearer = format!("Bearer {token}")
             .parse::<tonic::metadata::MetadataValue<_>>()
             .map_err(|_| Error::InvalidToken)?;
-        let request_id = call
-            .request_id
-            .as_deref()
-            .and_then(|id| id.parse::<tonic::metadata::MetadataValue<_>>().ok());
-        let traceparent = call
-            .traceparent
-            .as_deref()
-            .and_then(|t| t.parse::<tonic::metadata::MetadataValue<_>>().ok());
+        // Values new on every call: never indexed (see `contract::rpc::per_call_value`).
+        let per_call = |value: &str| {
+            let mut value = value.parse::<tonic::metadata::MetadataValue<_>>().ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        };
+        let request_id = call.request_id.as_deref().and_then(per_call);
+        let traceparent = call.traceparent.as_deref().and_then(per_call);
         let mut backoff = FIRST_BACKOFF;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -186,6 +186,9 @@ impl Authorizer for GrpcDirectory {
             let failover = self.another_is_up(replica);
             let attempt = if failover { remaining / 2 } else { remaining };
             request.set_timeout(attempt);
+            if let Some(timeout) = request.metadata_mut().get_mut("grpc-timeout") {
+                timeout.set_sensitive(true);
+            }
             let mut client = replica.client();
             let started = Instant::now();
             let outcome = tokio::time::timeout(attempt, client.authorize(request)).await;
