@@ -45,6 +45,15 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The connection's receive window, across its streams. Besides flow control, h2 closes a
+/// connection (GOAWAY `ENHANCE_YOUR_CALM`, "too_many_data_frames") once the small DATA frames
+/// it has received but the callers have not read yet add up to more than half this window,
+/// counting each as 256 bytes. At h2's default window (64 KiB) that is about 130 answers: a
+/// burst of answers arriving while their callers wait for a core ended the connection and
+/// failed every call on it (the load generator saw it at 12,000 health checks/s, with 128 calls
+/// in flight per connection). At 8 MiB, over 16,000 answers may wait.
+const CONNECTION_WINDOW: u32 = 8 << 20;
+
 /// A cheap-to-clone handle on one replica's connection.
 #[derive(Clone)]
 pub struct H2Channel {
@@ -305,6 +314,7 @@ where
         // The directory's answers are small; the defaults (64 KiB windows) are plenty, and
         // no push, no resets kept for long.
         .enable_push(false)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .handshake::<T, Bytes>(io)
         .await?;
     let closed = Arc::new(AtomicBool::new(false));
@@ -628,6 +638,68 @@ mod tests {
                 call,
                 "a new connection per call"
             );
+        }
+        replica.abort();
+    }
+
+    /// Hundreds of answers that arrive together, before any caller has read its own, do not
+    /// end the connection: with h2's default window, more than about 130 unread small DATA
+    /// frames closed it with ENHANCE_YOUR_CALM and failed every call on it.
+    #[tokio::test]
+    async fn a_burst_of_answers_read_late_keeps_the_connection() {
+        const CALLS: usize = 600;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        // A directory that answers only once every call has arrived, all at once.
+        let replica = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let mut connection = h2::server::handshake(socket).await.expect("handshake");
+            let mut waiting = Vec::new();
+            while waiting.len() < CALLS {
+                let Some(Ok((_request, respond))) = connection.accept().await else {
+                    return;
+                };
+                waiting.push(respond);
+            }
+            let answer = dpb::AuthorizeResponse {
+                allowed: true,
+                ..Default::default()
+            };
+            let mut message = vec![0; 5];
+            prost::Message::encode(&answer, &mut message).expect("encode");
+            let len = u32::try_from(message.len() - 5).expect("small");
+            message[1..5].copy_from_slice(&len.to_be_bytes());
+            for mut respond in waiting {
+                let head = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .expect("response");
+                let mut stream = respond.send_response(head, false).expect("headers");
+                stream
+                    .send_data(Bytes::from(message.clone()), false)
+                    .expect("data");
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                stream.send_trailers(trailers).expect("trailers");
+            }
+            while connection.accept().await.is_some() {}
+        });
+        let target = Target::parse(&url, None).expect("target");
+        let channel = H2Channel::lazy(&target, Duration::from_secs(5));
+        let client = DirectoryServiceClient::with_origin(channel, target.origin());
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..CALLS {
+            let mut client = client.clone();
+            calls.spawn(async move { client.authorize(dpb::AuthorizeRequest { action: 1 }).await });
+        }
+        let answers = tokio::time::timeout(Duration::from_secs(20), calls.join_all())
+            .await
+            .expect("every call answered");
+        for answer in answers {
+            let answer = answer.expect("answered OK");
+            assert!(answer.into_inner().allowed);
         }
         replica.abort();
     }
