@@ -164,7 +164,7 @@ async fn an_open_loop_keeps_its_rate() {
 }
 
 /// Calls that fail are counted by status code, with a sample message, instead of ending the
-/// run: here the server goes away a second into a three-second run.
+/// run: here the server goes away two and a half seconds into a six-second run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_calls_are_counted_by_status_code() {
     let db = TestDb::sqlite();
@@ -179,7 +179,9 @@ async fn failed_calls_are_counted_by_status_code() {
                 "--directory",
                 &addr,
                 "--duration",
-                "3",
+                "6",
+                "--rate",
+                "500",
                 "-c",
                 "4",
                 "--timeout-ms",
@@ -189,7 +191,8 @@ async fn failed_calls_are_counted_by_status_code() {
             .await
         }
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Time for the load generator to start and make its first call, which must succeed.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     directory.stop().await;
     let report = run.await.expect("loadgen task").report();
     let unavailable = report["errors"]["UNAVAILABLE"].as_u64().unwrap_or(0);

@@ -45,14 +45,11 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The connection's receive window, across its streams. Besides flow control, h2 closes a
-/// connection (GOAWAY `ENHANCE_YOUR_CALM`, "too_many_data_frames") once the small DATA frames
-/// it has received but the callers have not read yet add up to more than half this window,
-/// counting each as 256 bytes. At h2's default window (64 KiB) that is about 130 answers: a
-/// burst of answers arriving while their callers wait for a core ended the connection and
-/// failed every call on it (the load generator saw it at 12,000 health checks/s, with 128 calls
-/// in flight per connection). At 8 MiB, over 16,000 answers may wait.
+/// The connection's receive window, across its streams (h2's default is 64 KiB), and each
+/// stream's (a page of a thousand users is about 200 KB), so that answers in flight at once
+/// never wait for window updates.
 const CONNECTION_WINDOW: u32 = 8 << 20;
+const STREAM_WINDOW: u32 = 1 << 20;
 
 /// A cheap-to-clone handle on one replica's connection.
 #[derive(Clone)]
@@ -311,10 +308,19 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, mut connection) = h2::client::Builder::new()
-        // The directory's answers are small; the defaults (64 KiB windows) are plenty, and
-        // no push, no resets kept for long.
         .enable_push(false)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
+        // h2 closes a connection (GOAWAY ENHANCE_YOUR_CALM, "too_many_data_frames") once its
+        // budget for small DATA frames is spent: each small frame received costs 256 bytes less
+        // its length, given back only when the caller reads it. At the default budget (half the
+        // connection window) a burst of about 130 answers arriving before their callers ran
+        // ended the connection and failed every call on it. And an answer that arrives after
+        // its caller gave up (a deadline, a cancelled call) is charged and never given back
+        // (h2 0.4.20), so any finite budget ends a long-lived connection sooner or later. The
+        // guard is against a hostile server; this one is our own directory (or the server the
+        // load generator measures), and flow control still bounds the bytes it can send unread.
+        .data_frame_budget(usize::MAX)
         .handshake::<T, Bytes>(io)
         .await?;
     let closed = Arc::new(AtomicBool::new(false));
@@ -643,8 +649,8 @@ mod tests {
     }
 
     /// Hundreds of answers that arrive together, before any caller has read its own, do not
-    /// end the connection: with h2's default window, more than about 130 unread small DATA
-    /// frames closed it with ENHANCE_YOUR_CALM and failed every call on it.
+    /// end the connection: with h2's default budget for small DATA frames, about 130 unread
+    /// answers closed it with ENHANCE_YOUR_CALM and failed every call on it.
     #[tokio::test]
     async fn a_burst_of_answers_read_late_keeps_the_connection() {
         const CALLS: usize = 600;

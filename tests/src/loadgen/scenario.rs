@@ -442,12 +442,14 @@ impl Workload {
     }
 
     /// One call of the scenario, the `seq`-th of the run, within the call timeout.
-    /// The deadline travels as `grpc-timeout` (the server and billing's call to the directory
-    /// see it) and tonic enforces it here too; a local timer a little later is the safety net.
+    /// The deadline travels as `grpc-timeout` (the server enforces it, and billing's call to
+    /// the directory sees it). The connection does not enforce it on this side, so a local
+    /// timer `DEADLINE_SLACK` later is the load generator's own: a call that gets no answer
+    /// is recorded as DEADLINE_EXCEEDED at --timeout-ms plus 100 ms.
     pub async fn call(&self, conn: &mut Conn, seq: u64) -> Result<(), Status> {
         let started = std::time::Instant::now();
         match tokio::time::timeout(self.timeout + DEADLINE_SLACK, self.send(conn, seq)).await {
-            // tonic reports its own expired deadline as CANCELLED ("Timeout expired"); a call
+            // tonic's server answers an expired deadline as CANCELLED ("Timeout expired"); a call
             // cancelled at its deadline is a DEADLINE_EXCEEDED, as gRPC defines it.
             Ok(Err(status))
                 if status.code() == tonic::Code::Cancelled && started.elapsed() >= self.timeout =>
