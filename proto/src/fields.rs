@@ -92,7 +92,8 @@ fn is_joiner(c: char) -> bool {
 
 /// A display name: 1..=256 characters after trimming, no control characters (anywhere, even
 /// where trimming would drop them), no invisible formatting characters, and joiners only where
-/// a script or emoji needs them (between two visible non-ASCII characters). Returns the trimmed name.
+/// a script or emoji needs them (between two visible non-ASCII characters). Returns the
+/// trimmed name.
 pub fn display_name(field: &str, raw: &str) -> Result<String, Violation> {
     if raw.chars().any(char::is_control) {
         return Err(Violation::new(field, "must not contain control characters"));
