@@ -321,6 +321,14 @@ where
         // guard is against a hostile server; this one is our own directory (or the server the
         // load generator measures), and flow control still bounds the bytes it can send unread.
         .data_frame_budget(usize::MAX)
+        // A frame for a stream h2 reset and has since forgotten (it remembers the last 50 for
+        // a second) makes it reset that stream again, and by default a connection ends (GOAWAY
+        // ENHANCE_YOUR_CALM, "too_many_internal_resets") after 1,024 such resets in its life
+        // (h2 0.4.20). Late answers to calls whose callers gave up are such frames, three per
+        // answer: after about 340 timed-out calls, every call on the connection would fail,
+        // and they come in numbers exactly when the directory is slow. Unlimited, for the
+        // same reason as the budget above.
+        .max_local_error_reset_streams(None)
         .handshake::<T, Bytes>(io)
         .await?;
     let closed = Arc::new(AtomicBool::new(false));
@@ -707,6 +715,138 @@ mod tests {
             let answer = answer.expect("answered OK");
             assert!(answer.into_inner().allowed);
         }
+        replica.abort();
+    }
+
+    /// A directory that speaks raw HTTP/2 frames: it answers a call with action 2 at once, and
+    /// a call with action 1 only once the caller has given up on it (its RST_STREAM arrived),
+    /// as a late answer reaches a caller whose deadline passed. It reports each action-1 call
+    /// it has read.
+    async fn answer_after_the_caller_gave_up(
+        mut socket: TcpStream,
+        seen: tokio::sync::mpsc::UnboundedSender<u32>,
+    ) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const DATA: u8 = 0x0;
+        const HEADERS: u8 = 0x1;
+        const RST_STREAM: u8 = 0x3;
+        const SETTINGS: u8 = 0x4;
+        const PING: u8 = 0x6;
+        const ACK: u8 = 0x1;
+        const END_STREAM: u8 = 0x1;
+        const END_HEADERS: u8 = 0x4;
+        fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+            let [_, a, b, c] = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
+            out.extend_from_slice(&[a, b, c, kind, flags]);
+            out.extend_from_slice(&stream.to_be_bytes());
+            out.extend_from_slice(payload);
+        }
+        // `:status: 200` (static entry 8) and `content-type: application/grpc` (a literal with
+        // the static name 31); the message `allowed: true`; `grpc-status: 0` (a literal).
+        let mut head = vec![0x88, 0x0f, 0x10, 16];
+        head.extend_from_slice(b"application/grpc");
+        let message = [0, 0, 0, 0, 2, 0x08, 0x01];
+        let mut trailers = vec![0x00, 11];
+        trailers.extend_from_slice(b"grpc-status");
+        trailers.extend_from_slice(&[1, b'0']);
+        let answer = |out: &mut Vec<u8>, stream: u32| {
+            frame(out, HEADERS, END_HEADERS, stream, &head);
+            frame(out, DATA, 0, stream, &message);
+            frame(out, HEADERS, END_HEADERS | END_STREAM, stream, &trailers);
+        };
+        let mut preface = [0u8; 24];
+        socket.read_exact(&mut preface).await?;
+        let mut out = Vec::new();
+        frame(&mut out, SETTINGS, 0, 0, &[]);
+        socket.write_all(&out).await?;
+        loop {
+            let mut header = [0u8; 9];
+            socket.read_exact(&mut header).await?;
+            let [a, b, c, kind, flags, s0, s1, s2, s3] = header;
+            let stream = u32::from_be_bytes([s0 & 0x7f, s1, s2, s3]);
+            let mut payload =
+                vec![0u8; usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c)];
+            socket.read_exact(&mut payload).await?;
+            out.clear();
+            match kind {
+                SETTINGS if flags & ACK == 0 => frame(&mut out, SETTINGS, ACK, 0, &[]),
+                PING if flags & ACK == 0 => frame(&mut out, PING, ACK, 0, &payload),
+                // The request message: `action: 2` is answered now, `action: 1` once given up.
+                DATA if payload.ends_with(&[0x08, 0x02]) => answer(&mut out, stream),
+                DATA if payload.ends_with(&[0x08, 0x01]) => {
+                    let _ = seen.send(stream);
+                }
+                RST_STREAM => answer(&mut out, stream),
+                _ => {}
+            }
+            socket.write_all(&out).await?;
+        }
+    }
+
+    /// Answers that arrive after their callers gave up do not end the connection. h2 remembers
+    /// only the last 50 streams it reset, for a second; a frame for a stream it has forgotten
+    /// makes it reset that stream again, and with its default limit of 1,024 such resets in a
+    /// connection's life (h2 0.4.20) the connection then ends with GOAWAY ENHANCE_YOUR_CALM
+    /// ("too_many_internal_resets"), failing every call on it. An answer has three frames, so
+    /// about 340 late answers were enough.
+    #[tokio::test]
+    async fn late_answers_to_calls_given_up_keep_the_connection() {
+        // 1,500 calls given up, 50 at a time, each answered once given up: 4,500 late frames.
+        const WAVE: usize = 50;
+        const WAVES: usize = 30;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let replica = {
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                while let Ok((socket, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(answer_after_the_caller_gave_up(socket, seen_tx.clone()));
+                }
+            })
+        };
+        let target = Target::parse(&url, None).expect("target");
+        let channel = H2Channel::lazy(&target, Duration::from_secs(5));
+        let client = DirectoryServiceClient::with_origin(channel, target.origin());
+        let given_up = async {
+            for _ in 0..WAVES {
+                let mut calls = tokio::task::JoinSet::new();
+                for _ in 0..WAVE {
+                    let mut client = client.clone();
+                    calls.spawn(async move {
+                        client.authorize(dpb::AuthorizeRequest { action: 1 }).await
+                    });
+                }
+                // Each call reached the directory before its caller gives up.
+                for _ in 0..WAVE {
+                    seen.recv().await.expect("the directory reports each call");
+                }
+                calls.shutdown().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), given_up)
+            .await
+            .expect("every call reached the directory");
+        // Sent after the last late answers, so it is answered after them.
+        let mut client = client.clone();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.authorize(dpb::AuthorizeRequest { action: 2 }),
+        )
+        .await
+        .expect("answered in time")
+        .expect("answered OK");
+        assert!(answer.into_inner().allowed);
+        // A connection that ended would have been replaced by the next call.
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection throughout"
+        );
         replica.abort();
     }
 
