@@ -195,7 +195,9 @@ pub fn init_tracing(json: bool) -> crate::logs::LogGuard {
 /// the object instead of merged into it. `JsonFields` parses the whole object back into a map
 /// and writes it again on every record, three times per call here. A key recorded twice
 /// appears twice in the stored object; the JSON event formatter parses that object into a map
-/// for each line it writes, where the later value wins, as it did with `JsonFields`.
+/// for each line it writes, where the later value wins, as it did with `JsonFields`. So the
+/// object grows with every record: fine for an RPC's span, recorded three times; a long-lived
+/// span recorded in a loop would need `JsonFields`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct JsonSpanFields;
 
