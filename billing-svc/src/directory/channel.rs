@@ -726,8 +726,8 @@ mod tests {
     /// a call with action 1 only once the caller has given up on it (its RST_STREAM arrived),
     /// as a late answer reaches a caller whose deadline passed; a late answer starts with
     /// `small_frames` DATA frames of one byte. It reports each action-1 call it has read. It
-    /// ignores flow control: the client's requests stay within the default
-    /// 64 KiB window, and its own large windows take the answers.
+    /// ignores flow control: the client's requests stay within the default 64 KiB window, and
+    /// the client's own large windows take the answers.
     async fn answer_after_the_caller_gave_up(
         mut socket: TcpStream,
         seen: tokio::sync::mpsc::UnboundedSender<u32>,
