@@ -598,35 +598,17 @@ mod tests {
     }
 
     async fn go_away_at_every_call(mut socket: TcpStream) -> std::io::Result<()> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        const HEADERS: u8 = 0x1;
-        const SETTINGS: u8 = 0x4;
-        const GOAWAY: u8 = 0x7;
-        const ACK: u8 = 0x1;
-        fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
-            let [_, a, b, c] = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
-            let mut out = vec![a, b, c, kind, flags, 0, 0, 0, 0];
-            out.extend_from_slice(payload);
-            out
-        }
-        let mut preface = [0u8; 24];
-        socket.read_exact(&mut preface).await?;
-        socket.write_all(&frame(SETTINGS, 0, &[])).await?;
+        raw::handshake(&mut socket).await?;
         loop {
-            let mut head = [0u8; 9];
-            socket.read_exact(&mut head).await?;
-            let [a, b, c, kind, flags, ..] = head;
-            let mut payload =
-                vec![0u8; usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c)];
-            socket.read_exact(&mut payload).await?;
+            let (kind, flags, _, _) = raw::read_frame(&mut socket).await?;
+            let mut out = Vec::new();
             match kind {
-                SETTINGS if flags & ACK == 0 => {
-                    socket.write_all(&frame(SETTINGS, ACK, &[])).await?
-                }
+                raw::SETTINGS if flags & raw::ACK == 0 => raw::settings_ack(&mut out),
                 // Last stream id 0 (nothing processed), error code NO_ERROR.
-                HEADERS => socket.write_all(&frame(GOAWAY, 0, &[0; 8])).await?,
+                raw::HEADERS => raw::frame(&mut out, raw::GOAWAY, 0, 0, &[0; 8]),
                 _ => {}
             }
+            raw::write(&mut socket, &out).await?;
         }
     }
 
@@ -733,21 +715,7 @@ mod tests {
         seen: tokio::sync::mpsc::UnboundedSender<u32>,
         small_frames: usize,
     ) -> std::io::Result<()> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        const DATA: u8 = 0x0;
-        const HEADERS: u8 = 0x1;
-        const RST_STREAM: u8 = 0x3;
-        const SETTINGS: u8 = 0x4;
-        const PING: u8 = 0x6;
-        const ACK: u8 = 0x1;
-        const END_STREAM: u8 = 0x1;
-        const END_HEADERS: u8 = 0x4;
-        fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-            let [_, a, b, c] = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
-            out.extend_from_slice(&[a, b, c, kind, flags]);
-            out.extend_from_slice(&stream.to_be_bytes());
-            out.extend_from_slice(payload);
-        }
+        use raw::{ACK, DATA, END_HEADERS, END_STREAM, HEADERS, PING, RST_STREAM, SETTINGS, frame};
         // `:status: 200` (static entry 8) and `content-type: application/grpc` (a literal with
         // the static name 31); the message `allowed: true`; `grpc-status: 0` (a literal).
         let mut head = vec![0x88, 0x0f, 0x10, 16];
@@ -764,22 +732,13 @@ mod tests {
             frame(out, DATA, 0, stream, &message);
             frame(out, HEADERS, END_HEADERS | END_STREAM, stream, &trailers);
         };
-        let mut preface = [0u8; 24];
-        socket.read_exact(&mut preface).await?;
+        raw::handshake(&mut socket).await?;
         let mut out = Vec::new();
-        frame(&mut out, SETTINGS, 0, 0, &[]);
-        socket.write_all(&out).await?;
         loop {
-            let mut header = [0u8; 9];
-            socket.read_exact(&mut header).await?;
-            let [a, b, c, kind, flags, s0, s1, s2, s3] = header;
-            let stream = u32::from_be_bytes([s0 & 0x7f, s1, s2, s3]);
-            let mut payload =
-                vec![0u8; usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c)];
-            socket.read_exact(&mut payload).await?;
+            let (kind, flags, stream, payload) = raw::read_frame(&mut socket).await?;
             out.clear();
             match kind {
-                SETTINGS if flags & ACK == 0 => frame(&mut out, SETTINGS, ACK, 0, &[]),
+                SETTINGS if flags & ACK == 0 => raw::settings_ack(&mut out),
                 PING if flags & ACK == 0 => frame(&mut out, PING, ACK, 0, &payload),
                 // The request message: `action: 2` is answered now, `action: 1` once given up.
                 DATA if payload.ends_with(&[0x08, 0x02]) => answer(&mut out, stream, 0),
@@ -791,7 +750,7 @@ mod tests {
                 RST_STREAM if payload == [0, 0, 0, 8] => answer(&mut out, stream, small_frames),
                 _ => {}
             }
-            socket.write_all(&out).await?;
+            raw::write(&mut socket, &out).await?;
         }
     }
 
@@ -902,6 +861,59 @@ mod tests {
             assert!(status.message().contains("cannot connect"), "{status:?}");
             assert!(status.message().contains("refused"), "{status:?}");
             assert!(started.elapsed() < Duration::from_secs(1));
+        }
+    }
+
+    /// Just enough HTTP/2 framing for the hand-written servers above (RFC 9113, section 4).
+    mod raw {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpStream;
+
+        pub const DATA: u8 = 0x0;
+        pub const HEADERS: u8 = 0x1;
+        pub const RST_STREAM: u8 = 0x3;
+        pub const SETTINGS: u8 = 0x4;
+        pub const PING: u8 = 0x6;
+        pub const GOAWAY: u8 = 0x7;
+        pub const ACK: u8 = 0x1;
+        pub const END_STREAM: u8 = 0x1;
+        pub const END_HEADERS: u8 = 0x4;
+
+        /// Appends one frame to `out`.
+        pub fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+            let [_, a, b, c] = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
+            out.extend_from_slice(&[a, b, c, kind, flags]);
+            out.extend_from_slice(&stream.to_be_bytes());
+            out.extend_from_slice(payload);
+        }
+
+        pub fn settings_ack(out: &mut Vec<u8>) {
+            frame(out, SETTINGS, ACK, 0, &[]);
+        }
+
+        /// Reads the client's preface and sends the server's (empty) SETTINGS.
+        pub async fn handshake(socket: &mut TcpStream) -> std::io::Result<()> {
+            let mut preface = [0u8; 24];
+            socket.read_exact(&mut preface).await?;
+            let mut out = Vec::new();
+            frame(&mut out, SETTINGS, 0, 0, &[]);
+            socket.write_all(&out).await
+        }
+
+        /// The next frame: its type, flags, stream id and payload.
+        pub async fn read_frame(socket: &mut TcpStream) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
+            let mut header = [0u8; 9];
+            socket.read_exact(&mut header).await?;
+            let [a, b, c, kind, flags, s0, s1, s2, s3] = header;
+            let stream = u32::from_be_bytes([s0 & 0x7f, s1, s2, s3]);
+            let mut payload =
+                vec![0u8; usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c)];
+            socket.read_exact(&mut payload).await?;
+            Ok((kind, flags, stream, payload))
+        }
+
+        pub async fn write(socket: &mut TcpStream, out: &[u8]) -> std::io::Result<()> {
+            socket.write_all(out).await
         }
     }
 }
