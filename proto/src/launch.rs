@@ -27,15 +27,17 @@ pub struct Launch<'a> {
 }
 
 /// The runtime both services run on: tokio's multi-threaded scheduler, one worker per CPU,
-/// without the "LIFO slot". With it, a task woken by a running task (a call's task woken by its
-/// connection's task, and back) runs next on the same worker and cannot be stolen by an idle
-/// one, so a connection's calls pile onto one worker while the other sleeps. Without it, the
-/// woken task goes to the worker's queue, where an idle worker takes it. Measured on two cores
-/// (BENCHMARKS.md, thirteenth session): health 63,000-68,000 -> 74,000-84,000 req/s at
-/// concurrency 64, both services' CPU per purchase 7-9% lower, p99 unchanged.
+/// without the "LIFO slot". With it, a task woken or spawned by a running task (a call's task
+/// woken by its connection's task, and back) goes into the worker's one-task slot, runs next
+/// on that worker, and no idle worker is woken for it or may take it: it waits for whatever
+/// its worker runs first. Without it, the task goes to the worker's queue, an idle worker is
+/// woken, and it takes the task. Measured on two cores (BENCHMARKS.md, thirteenth session;
+/// three pairs on SQLite): health 63,000-68,000 -> 74,000-84,000 req/s at concurrency 64, both
+/// services' CPU per purchase 7-9% lower (four pairs), p99 at the same rate unchanged.
 ///
-/// Needs `--cfg tokio_unstable` (`.cargo/config.toml`); built without it, the runtime keeps
-/// the LIFO slot, which changes speed, not behaviour.
+/// Needs `--cfg tokio_unstable` (`.cargo/config.toml`, which lists what overrides it); built
+/// without it, the runtime keeps the slot, which changes speed, not behaviour, and the unit
+/// test below fails.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     runtime_builder().build()
 }
@@ -231,10 +233,12 @@ mod tests {
 
     #[test]
     fn an_idle_worker_takes_a_task_that_a_busy_one_woke() {
-        // With tokio's LIFO slot, the task spawned below would wait in the busy worker's slot,
-        // where no other worker may take it, until the spawning task gave the worker back:
-        // it never does here, so the test would time out. Without the slot it goes to the
-        // worker's queue, and the idle worker takes it.
+        // With tokio's LIFO slot, the task spawned below (spawning from a worker takes the
+        // same path as waking) waits in the busy worker's slot, where no other worker may take
+        // it and for which none is woken, until the spawning task gives the worker back: it
+        // does not here, so the test fails after 3 s. Without the slot it goes to the worker's
+        // queue, and the idle worker takes it. (Should a tokio release make the slot's task
+        // stealable, this passes without the flag too; Cargo.lock pins tokio.)
         let runtime = super::runtime_builder()
             .worker_threads(2)
             .build()
