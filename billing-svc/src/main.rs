@@ -8,13 +8,7 @@ use contract::launch::{Launch, run};
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
-    match contract::launch::runtime() {
-        Ok(runtime) => runtime.block_on(serve()),
-        Err(err) => {
-            eprintln!("cannot start the runtime: {err}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    contract::launch::block_on(serve())
 }
 
 async fn serve() -> std::process::ExitCode {

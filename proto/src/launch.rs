@@ -42,6 +42,18 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     runtime_builder().build()
 }
 
+/// A binary's `main`: runs `serve` on [`runtime`] and exits with its code (1 if the runtime
+/// cannot start).
+pub fn block_on(serve: impl Future<Output = ExitCode>) -> ExitCode {
+    match runtime() {
+        Ok(runtime) => runtime.block_on(serve),
+        Err(err) => {
+            eprintln!("cannot start the runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn runtime_builder() -> tokio::runtime::Builder {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
