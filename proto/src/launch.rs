@@ -26,40 +26,37 @@ pub struct Launch<'a> {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// The runtime both services run on: tokio's multi-threaded scheduler, one worker per CPU,
-/// without the "LIFO slot". With it, a task woken or spawned by a running task (a call's task
-/// woken by its connection's task, and back) goes into the worker's one-task slot, runs next
-/// on that worker, and no idle worker is woken for it or may take it: it waits for whatever
-/// its worker runs first. Without it, the task goes to the worker's queue, an idle worker is
-/// woken, and it takes the task. Measured on two cores (BENCHMARKS.md, thirteenth session;
-/// three pairs on SQLite): health 63,000-68,000 -> 74,000-84,000 req/s at concurrency 64, both
-/// services' CPU per purchase 7-9% lower (four pairs), p99 at the same rate unchanged.
+/// How the runtime both services run on is built: tokio's multi-threaded scheduler, one
+/// worker per CPU, without the "LIFO slot". With it, a task woken or spawned by a running task
+/// (a call's task woken by its connection's task, and back) goes into the worker's one-task
+/// slot, runs next on that worker, and no idle worker is woken for it or may take it: it waits
+/// for whatever its worker runs first. Without it, the task goes to the worker's queue, an
+/// idle worker is woken, and it takes the task. Measured on two cores (BENCHMARKS.md,
+/// thirteenth session; three pairs on SQLite): health 63,000-68,000 -> 74,000-84,000 req/s at
+/// concurrency 64, both services' CPU per purchase 7-9% lower (four pairs), p99 at the same
+/// rate unchanged.
 ///
 /// Needs `--cfg tokio_unstable` (`.cargo/config.toml`, which lists what overrides it); built
 /// without it, the runtime keeps the slot, which changes speed, not behaviour, and the unit
 /// test below fails.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    runtime_builder().build()
+fn runtime() -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    builder
 }
 
-/// A binary's `main`: runs `serve` on [`runtime`] and exits with its code (1 if the runtime
-/// cannot start).
+/// A binary's `main`: runs `serve` on the runtime `runtime` builds and exits with its code
+/// (1 if the runtime cannot start).
 pub fn block_on(serve: impl Future<Output = ExitCode>) -> ExitCode {
-    match runtime() {
+    match runtime().build() {
         Ok(runtime) => runtime.block_on(serve),
         Err(err) => {
             eprintln!("cannot start the runtime: {err}");
             ExitCode::FAILURE
         }
     }
-}
-
-fn runtime_builder() -> tokio::runtime::Builder {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    #[cfg(tokio_unstable)]
-    builder.disable_lifo_slot();
-    builder
 }
 
 /// Runs a binary: with `--health-probe` only probes; otherwise an invalid `config` exits 2
@@ -251,10 +248,7 @@ mod tests {
         // does not here, so the test fails after 3 s. Without the slot it goes to the worker's
         // queue, and the idle worker takes it. (Should a tokio release make the slot's task
         // stealable, this passes without the flag too; Cargo.lock pins tokio.)
-        let runtime = super::runtime_builder()
-            .worker_threads(2)
-            .build()
-            .expect("runtime");
+        let runtime = super::runtime().worker_threads(2).build().expect("runtime");
         let taken = runtime.block_on(async {
             tokio::spawn(async {
                 let (ran, runs) = std::sync::mpsc::channel();
