@@ -10,6 +10,7 @@
 //!   `BadRequest`, and the server plumbing (health, reflection, per-RPC spans, shutdown).
 //! - [`logs`]: the log writer thread, which writes log lines in batches, so a call never waits
 //!   on the log sink.
+//! - [`logline`]: the text log line, written without tracing-subscriber's colour-code layers.
 //! - [`db`]: opening the service's own database (embedded SQLite or PostgreSQL) with the same
 //!   code path, and persisted secrets.
 //! - [`batch`]: point reads by key that wait at the same time share one query.
@@ -26,6 +27,7 @@ pub mod db;
 pub mod fields;
 pub mod launch;
 pub mod limits;
+pub mod logline;
 pub mod logs;
 pub mod mac;
 pub mod metrics;

@@ -185,7 +185,9 @@ pub fn init_tracing(json: bool) -> crate::logs::LogGuard {
     let _ = if json {
         builder.json().fmt_fields(JsonSpanFields).try_init()
     } else {
-        builder.try_init()
+        builder
+            .event_format(crate::logline::PlainFull::default())
+            .try_init()
     };
     guard
 }
