@@ -75,7 +75,7 @@ impl SqlStore {
         let writers = WriteGate::for_engine(engine);
         writers.checkpoint_in_background(&pool);
         let (purchases, queue) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(group_commit(pool.clone(), writers.clone(), queue));
+        tokio::spawn(group_commit(pool.clone(), engine, writers.clone(), queue));
         let reads = PointReads::start(
             pool.clone(),
             format!("SELECT {SELECT_COLUMNS} FROM subscriptions WHERE id IN"),
@@ -236,7 +236,12 @@ impl BillingStore for SqlStore {
 /// batch) is [`StoreError::Conflict`] for that caller only; any other failure fails the batch.
 /// Under light load a batch is one purchase and nothing waits; under heavy load one commit
 /// serves many.
-async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiver<Pending>) {
+async fn group_commit(
+    pool: AnyPool,
+    engine: Engine,
+    writers: WriteGate,
+    mut queue: mpsc::Receiver<Pending>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Batches follow each other closely under load: the task keeps its connection rather than
     // give it back (and have it pinged) after every commit.
@@ -246,7 +251,7 @@ async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiv
         let outcome = {
             let _turn = writers.enter().await;
             match held.get().await {
-                Ok(conn) => insert_batch(conn, &batch).await,
+                Ok(conn) => insert_batch(conn, engine, &batch).await,
                 Err(err) => Err(err),
             }
         };
@@ -292,9 +297,10 @@ async fn group_commit(pool: AnyPool, writers: WriteGate, mut queue: mpsc::Receiv
 /// has one is this statement's.
 async fn insert_batch(
     conn: &mut PoolConnection<Any>,
+    engine: Engine,
     batch: &[Pending],
 ) -> Result<Vec<bool>, sqlx::Error> {
-    let statement = insert_rows(batch, statement_rows(batch.len()));
+    let statement = insert_rows(batch, statement_rows(batch.len()), engine);
     let inserted = statement.execute(&mut **conn).await?.rows_affected();
     if usize::try_from(inserted).is_ok_and(|n| n == batch.len()) {
         return Ok(vec![true; batch.len()]);
@@ -328,10 +334,11 @@ fn statement_rows(n: usize) -> usize {
 fn insert_rows(
     chunk: &[Pending],
     rows: usize,
+    engine: Engine,
 ) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
-    let mut query = match insert_sql(rows) {
+    let mut query = match insert_sql(rows, engine) {
         Some(sql) => sqlx::query(sql),
-        None => sqlx::query(AssertSqlSafe(build_insert_sql(rows))),
+        None => sqlx::query(AssertSqlSafe(build_insert_sql(rows, engine))),
     };
     let repeats = chunk
         .last()
@@ -363,14 +370,20 @@ fn insert_rows(
     query
 }
 
-/// The SQL of each of the sixteen statement shapes, written once rather than per batch (a
-/// batch of 256 would otherwise format 3,328 placeholders).
-fn insert_sql(rows: usize) -> Option<&'static str> {
-    static SHAPES: std::sync::OnceLock<Vec<(usize, String)>> = std::sync::OnceLock::new();
-    let shapes = SHAPES.get_or_init(|| {
+/// The SQL of each of the sixteen statement shapes on `engine`, written once rather than per
+/// batch (a batch of 256 would otherwise format 3,328 placeholders).
+fn insert_sql(rows: usize, engine: Engine) -> Option<&'static str> {
+    type Shapes = std::sync::OnceLock<Vec<(usize, String)>>;
+    static SQLITE: Shapes = std::sync::OnceLock::new();
+    static POSTGRES: Shapes = std::sync::OnceLock::new();
+    let shapes = match engine {
+        Engine::Sqlite => &SQLITE,
+        Engine::Postgres => &POSTGRES,
+    }
+    .get_or_init(|| {
         statement_shapes()
             .into_iter()
-            .map(|n| (n, build_insert_sql(n)))
+            .map(|n| (n, build_insert_sql(n, engine)))
             .collect()
     });
     shapes
@@ -386,7 +399,12 @@ fn statement_shapes() -> Vec<usize> {
     shapes
 }
 
-fn build_insert_sql(rows: usize) -> String {
+/// On SQLite the placeholders are anonymous (`?`, bound in order): for each parameter of a
+/// statement, sqlx asks SQLite for its name, which SQLite finds by walking the list of named
+/// parameters from the first, so `$1 ... $n` cost n²/2 steps per execution. At 64 rows (832
+/// parameters) that was over a quarter of the SQLite thread's time in closed-loop purchases
+/// (BENCHMARKS.md, sixteenth session). PostgreSQL numbers them (`$1 ... $n`).
+fn build_insert_sql(rows: usize, engine: Engine) -> String {
     use std::fmt::Write as _;
     let mut sql = format!("INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ");
     for row in 0..rows {
@@ -395,7 +413,12 @@ fn build_insert_sql(rows: usize) -> String {
             if column > 0 {
                 sql.push_str(", ");
             }
-            let _ = write!(sql, "${}", row * 13 + column + 1);
+            match engine {
+                Engine::Sqlite => sql.push('?'),
+                Engine::Postgres => {
+                    let _ = write!(sql, "${}", row * 13 + column + 1);
+                }
+            }
         }
         sql.push(')');
     }
@@ -418,10 +441,20 @@ mod tests {
         );
         assert!((1..=MAX_BATCH).all(|n| statement_rows(n) >= n));
         for rows in shapes {
-            assert_eq!(insert_sql(rows), Some(build_insert_sql(rows).as_str()));
+            for engine in [Engine::Sqlite, Engine::Postgres] {
+                assert_eq!(
+                    insert_sql(rows, engine),
+                    Some(build_insert_sql(rows, engine).as_str())
+                );
+            }
         }
-        assert!(build_insert_sql(2).contains("($14, $15,"));
-        assert!(build_insert_sql(2).ends_with("$26) ON CONFLICT DO NOTHING"));
+        let postgres = build_insert_sql(2, Engine::Postgres);
+        assert!(postgres.contains("($14, $15,"));
+        assert!(postgres.ends_with("$26) ON CONFLICT DO NOTHING"));
+        let sqlite = build_insert_sql(2, Engine::Sqlite);
+        assert_eq!(sqlite.matches('?').count(), 26);
+        assert!(!sqlite.contains('$'));
+        assert!(sqlite.ends_with("?) ON CONFLICT DO NOTHING"));
     }
 
     /// A purchase for [`insert_batch`] (no caller waits for its outcome).
@@ -465,11 +498,32 @@ mod tests {
                 };
                 batch.push(purchase(n, &request_id));
             }
-            let went_in = insert_batch(&mut conn, &batch).await.expect("inserts");
+            let went_in = insert_batch(&mut conn, Engine::Sqlite, &batch)
+                .await
+                .expect("inserts");
             let fresh = if size > 1 { size - 1 } else { size };
             let mut expected = vec![true; fresh];
             expected.resize(size, false);
             assert_eq!(went_in, expected, "batch of {size}");
+            // Each row holds its own purchase's values: the statement binds them in order.
+            for (pending, _) in batch.iter().zip(&went_in).filter(|(_, went_in)| **went_in) {
+                let (name, request_id, create_time): (String, Option<String>, i64) =
+                    sqlx::query_as(
+                        "SELECT display_name, request_id, create_time FROM subscriptions \
+                         WHERE id = $1",
+                    )
+                    .bind(pending.subscription.id.clone())
+                    .fetch_one(&mut *conn)
+                    .await
+                    .expect("reads the row back");
+                assert_eq!(name, pending.subscription.display_name, "batch of {size}");
+                assert_eq!(
+                    request_id.as_deref(),
+                    pending.request.as_ref().map(|(id, _)| id.as_str()),
+                    "batch of {size}"
+                );
+                assert_eq!(create_time, pending.subscription.create_time);
+            }
             if let Some((request_id, _)) = &batch[0].request {
                 taken.clone_from(request_id);
             }
