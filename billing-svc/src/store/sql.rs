@@ -399,29 +399,11 @@ fn statement_shapes() -> Vec<usize> {
     shapes
 }
 
-/// On SQLite the placeholders are anonymous (`?`, bound in order): for each parameter of a
-/// statement, sqlx asks SQLite for its name, which SQLite finds by walking the list of named
-/// parameters from the first, so `$1 ... $n` cost n²/2 steps per execution. At 64 rows (832
-/// parameters) that was over a quarter of the SQLite thread's time in closed-loop purchases
-/// (BENCHMARKS.md, sixteenth session). PostgreSQL numbers them (`$1 ... $n`).
+/// `INSERT ... VALUES` of `rows` rows in `engine`'s placeholders (see
+/// [`Engine::push_value_rows`]), skipping rows that conflict.
 fn build_insert_sql(rows: usize, engine: Engine) -> String {
-    use std::fmt::Write as _;
     let mut sql = format!("INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ");
-    for row in 0..rows {
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        for column in 0..13 {
-            if column > 0 {
-                sql.push_str(", ");
-            }
-            match engine {
-                Engine::Sqlite => sql.push('?'),
-                Engine::Postgres => {
-                    let _ = write!(sql, "${}", row * 13 + column + 1);
-                }
-            }
-        }
-        sql.push(')');
-    }
+    engine.push_value_rows(&mut sql, rows, 13);
     sql.push_str(" ON CONFLICT DO NOTHING");
     sql
 }

@@ -105,30 +105,11 @@ fn chunks(dirs: usize, per_dir: u32, per_tx: u32) -> Vec<Chunk> {
     out
 }
 
-/// `INSERT INTO <head> VALUES ($1, .., $cols), .. ` for `rows` rows. On SQLite the
-/// placeholders are anonymous `?`: SQLite finds a numbered parameter's name by a linear scan,
-/// which makes binding a statement of thousands of `$n` quadratic.
+/// `INSERT INTO <head> VALUES (..), ..` of `rows` rows of `cols` columns, in `engine`'s
+/// placeholders (see [`Engine::push_value_rows`]).
 fn insert_sql(engine: Engine, head: &str, cols: usize, rows: usize) -> String {
-    use std::fmt::Write as _;
     let mut sql = format!("INSERT INTO {head} VALUES ");
-    for row in 0..rows {
-        if row > 0 {
-            sql.push(',');
-        }
-        sql.push('(');
-        for col in 0..cols {
-            if col > 0 {
-                sql.push(',');
-            }
-            match engine {
-                Engine::Sqlite => sql.push('?'),
-                Engine::Postgres => {
-                    let _ = write!(sql, "${}", row * cols + col + 1);
-                }
-            }
-        }
-        sql.push(')');
-    }
+    engine.push_value_rows(&mut sql, rows, cols);
     sql
 }
 
