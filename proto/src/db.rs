@@ -38,9 +38,9 @@ impl Engine {
     /// On PostgreSQL they are numbered (`($1, $2), ($3, $4)`). On SQLite they are anonymous
     /// (`(?, ?), (?, ?)`, bound in order): before binding each parameter, sqlx asks SQLite for
     /// its name, which SQLite finds by walking the list of named parameters from the first, so
-    /// `$1 ... $n` cost n²/2 steps per execution. At 832 parameters (billing's batch of 64
-    /// purchases) that was over a quarter of the SQLite thread's time (BENCHMARKS.md,
-    /// sixteenth session).
+    /// `$1 ... $n` cost n²/2 steps per execution (346,000 for a batch of 64 purchases, 832
+    /// parameters). In billing's closed-loop purchases that was over a quarter of the SQLite
+    /// thread's time (BENCHMARKS.md, sixteenth session).
     pub fn push_value_rows(self, sql: &mut String, rows: usize, cols: usize) {
         use std::fmt::Write as _;
         for row in 0..rows {
