@@ -190,7 +190,7 @@ impl WriteGate {
     ///
     /// SQLite's automatic checkpoint runs inside the commit that crosses 1,000 WAL pages, so
     /// that commit, and every write queued behind it, waits while megabytes of pages are
-    /// copied. Here, every 100 ms, a PASSIVE checkpoint copies the WAL without
+    /// copied. Here, every 25 ms, a PASSIVE checkpoint copies the WAL without
     /// blocking anyone. Once the WAL is 16,384 frames (64 MiB) long, the database file is
     /// synced (still without blocking anyone), then, holding the writers' turn for a moment, a
     /// second checkpoint copies and syncs the few pages written meanwhile. The checkpoint is
@@ -216,11 +216,20 @@ impl WriteGate {
 }
 
 /// How often the SQLite WAL is copied back into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+///
+/// A passive checkpoint first syncs the WAL. Under load the INSERT's thread waits in the
+/// kernel's `pwrite` to the WAL for blocks under I/O (up to 6 ms at 100 ms), and the less each
+/// sync has to write, the shorter such waits. Shorter also means more checkpoints that
+/// complete, and after each the next commit starts the WAL over and syncs its header; on a
+/// virtio disk 25 ms came out ahead. Purchases'
+/// p99 on SQLite, 25 against 100 ms, ten interleaved pairs each: 4.36 against 6.17 ms at
+/// 9,333/s, 2.13 against 2.51 ms at 3,500/s; 1 s and 300 ms were far worse (the WAL reached
+/// [`RESTART_WAL_AT_FRAMES`] between checkpoints); BENCHMARKS.md, sixteenth session.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(25);
 
 /// The WAL length (in pages: 64 MiB of 4 KiB pages) from which the checkpointer holds the
 /// writers back for a moment so that the WAL starts over; shorter, it just keeps growing.
-/// Under a sustained purchase load the WAL grows by about 5 MiB every 100 ms, and the held
+/// Under a sustained purchase load the WAL grows by about 50 MiB a second, and the held
 /// pass (two `fsync`s) takes 2-3 ms, sometimes 10-25: at 4 MiB every pass was a held one, and
 /// about one purchase in forty waited for it. At 64 MiB a held pass comes about once a second
 /// (purchases' p99 at 3,700/s open loop on SQLite, paired runs, 6 + 6 + 8 pairs: medians
