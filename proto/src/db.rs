@@ -221,10 +221,10 @@ impl WriteGate {
 /// kernel's `pwrite` to the WAL for blocks under I/O (up to 6 ms at 100 ms), and the less each
 /// sync has to write, the shorter such waits. Shorter also means more checkpoints that
 /// complete, and after each the next commit starts the WAL over and syncs its header; on a
-/// virtio disk 25 ms came out ahead. Purchases'
-/// p99 on SQLite, 25 against 100 ms, ten interleaved pairs each: 4.36 against 6.17 ms at
-/// 9,333/s, 2.13 against 2.51 ms at 3,500/s; 1 s and 300 ms were far worse (the WAL reached
-/// [`RESTART_WAL_AT_FRAMES`] between checkpoints); BENCHMARKS.md, sixteenth session.
+/// virtio disk 25 ms came out ahead. Purchases' p99 on SQLite, 25 against 100 ms, ten
+/// interleaved pairs each: 4.36 against 6.17 ms at 9,333/s, 2.13 against 2.51 ms at 3,500/s;
+/// 1 s and 300 ms were far worse (the WAL reached [`RESTART_WAL_AT_FRAMES`] between
+/// checkpoints); BENCHMARKS.md, sixteenth session.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(25);
 
 /// The WAL length (in pages: 64 MiB of 4 KiB pages) from which the checkpointer holds the
