@@ -5,11 +5,11 @@ rate) with repeated, interleaved runs.
 One 5-second open-loop run's p99 on a shared 2-core machine can differ from the next by a
 factor of two, so the matrix's single figure per scenario says little about a target near it.
 This script starts both services (as tests/bench/run.py does), measures each scenario's best
-closed-loop rate at concurrency 64, then runs every scenario open loop at half that rate,
---rounds times, one scenario after another in each round (so a noisy stretch of the machine
-hits all scenarios alike; each round on a fresh pair of services and databases), and reports
-each run's p99 and their median. `health` (one cheap
-call to the directory) is the machine's floor: the latency any call sees from queueing for a
+closed-loop rate at concurrency 64 (the best of --closed-runs runs), then runs every scenario
+open loop at half that rate, --rounds times, one scenario after another in each round (so a
+noisy stretch of the machine hits all scenarios alike; each round on a fresh pair of services
+and databases), and reports each run's p99 and their median. `health` (one cheap call to the
+directory) is the machine's floor: the latency any call sees from queueing for a
 core at that load, with the load generator on the same cores.
 
 Each run also records the share of CPU time the hypervisor stole from this VM meanwhile. A
@@ -19,6 +19,7 @@ runs and, separately, of the runs under that limit.
 
   cargo build --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen
   python3 tests/bench/tail.py [--rounds 5] [--duration 5] [--backends sqlite,postgres]
+                              [--closed-runs 3]
 """
 import argparse, os, statistics, sys
 
@@ -42,13 +43,17 @@ def measure(backend, opts):
             raise SystemExit(f"{scenario}: errors {r['errors']}")
         return r
 
-    best = {}
+    # The maximum rate is the best of --closed-runs closed-loop runs, taken in turns across
+    # the scenarios: a single run that lands in a slow stretch of the machine would set the
+    # "half rate" low and make the target easy.
+    best = {s: 0.0 for s in scenarios}
     with run.service_pair(backend, "tail", dport, bport):
-        for scenario in scenarios:
-            r = load(scenario, ["-c", "64"])
-            best[scenario] = r["requests_per_sec"]
-            print(f"{backend:9} {scenario:20} closed loop c=64: {best[scenario]:8.0f}/s "
-                  f"steal={r['steal_pct']:.1f}%", flush=True)
+        for attempt in range(opts.closed_runs):
+            for scenario in scenarios:
+                r = load(scenario, ["-c", "64"])
+                best[scenario] = max(best[scenario], r["requests_per_sec"])
+                print(f"{backend:9} {scenario:20} closed loop c=64, run {attempt + 1}: "
+                      f"{r['requests_per_sec']:8.0f}/s steal={r['steal_pct']:.1f}%", flush=True)
     p99s = {s: [] for s in scenarios}  # (p99 ms, steal %) of each run
     for round_ in range(opts.rounds):
         # Each round on fresh services and databases: the purchases of one round would
@@ -71,6 +76,8 @@ def main():
     p.add_argument("--duration", type=int, default=5)
     p.add_argument("--backends", default="sqlite,postgres")
     p.add_argument("--scenarios", default=SCENARIOS)
+    p.add_argument("--closed-runs", type=int, default=3,
+                   help="closed-loop runs per scenario; the best sets its maximum rate")
     opts = p.parse_args()
     rows = []
     for backend in opts.backends.split(","):
