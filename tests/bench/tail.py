@@ -9,8 +9,8 @@ closed-loop rate at concurrency 64 (the best of --closed-runs runs), then runs e
 open loop at half that rate, --rounds times, one scenario after another in each round (so a
 noisy stretch of the machine hits all scenarios alike; each round on a fresh pair of services
 and databases), and reports each run's p99 and their median. `health` (one cheap call to the
-directory) is the machine's floor: the latency any call sees from queueing for a
-core at that load, with the load generator on the same cores.
+directory) is the machine's floor: the latency any call sees from queueing for a core at that
+load, with the load generator on the same cores.
 
 Each run also records the share of CPU time the hypervisor stole from this VM meanwhile. A
 stolen slice stalls whatever held the core, for milliseconds, so runs with steal above
@@ -81,6 +81,8 @@ def main():
     p.add_argument("--closed-runs", type=int, default=3,
                    help="closed-loop runs per scenario; the best sets its maximum rate")
     opts = p.parse_args()
+    if opts.closed_runs < 1:
+        p.error("--closed-runs must be at least 1")
     rows = []
     for backend in opts.backends.split(","):
         rows += measure(backend, opts)
