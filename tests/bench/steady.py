@@ -40,6 +40,8 @@ def main():
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--unit-ms", type=float, default=1.0, help="the unit's length at full speed")
     opts = p.parse_args()
+    if opts.seconds <= 0 or opts.unit_ms <= 0:
+        p.error("--seconds and --unit-ms must be above 0")
     # Size the unit to about --unit-ms on this machine (the fastest of five tries).
     fastest = float("inf")
     for _ in range(5):
