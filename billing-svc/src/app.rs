@@ -94,8 +94,12 @@ impl Application {
     /// Serves until `shutdown` completes, then reports NOT_SERVING, stops accepting and
     /// drains in-flight calls (at most the configured drain time).
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let service =
-            BillingServiceServer::new(self.api).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        // Compressed requests accepted, answers compressed when the caller accepts it (and the
+        // answer is large enough to gain: `contract::rpc::reply`).
+        let service = contract::rpc::ENCODINGS.into_iter().fold(
+            BillingServiceServer::new(self.api).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            |server, e| server.accept_compressed(e).send_compressed(e),
+        );
         let options = ServeOptions {
             service_name: SERVICE_NAME,
             drain: self.config.drain,

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use tonic::codec::CompressionEncoding;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
 
@@ -55,6 +56,38 @@ pub fn throttled(
     details.set_retry_info(Some(retry));
     Status::with_error_details(Code::ResourceExhausted, message, details)
 }
+
+/// The encodings both servers accept compressed requests in and compress answers with (when
+/// the caller lists one in `grpc-accept-encoding`): all that tonic implements.
+pub const ENCODINGS: [CompressionEncoding; 3] = [
+    CompressionEncoding::Gzip,
+    CompressionEncoding::Deflate,
+    CompressionEncoding::Zstd,
+];
+
+/// Answers smaller than this go out uncompressed even to a caller that accepts compression:
+/// below it compression saves a few dozen bytes at most and costs a compressor per call.
+/// See `docs/decisions/response-compression.md`.
+pub const COMPRESS_FROM_BYTES: usize = 1024;
+
+/// A handler's answer: compressed (if the caller accepts it) only when it is at least
+/// [`COMPRESS_FROM_BYTES`] long.
+pub fn reply<T: prost::Message>(message: T) -> tonic::Response<T> {
+    let small = message.encoded_len() < COMPRESS_FROM_BYTES;
+    let mut response = tonic::Response::new(message);
+    if small {
+        response.disable_compression();
+    }
+    response
+}
+
+/// When the caller's deadline (its `grpc-timeout`) runs out, counted from the moment the call
+/// reached the server. The layer puts it in the request's extensions when the caller sent one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub Instant);
+
+/// The message of the DEADLINE_EXCEEDED a call gets when its deadline passes on the server.
+const DEADLINE_PASSED: &str = "the caller's deadline passed before the call completed";
 
 /// The message of an INVALID_ARGUMENT status: every bad field, in request order.
 pub fn violations_message(violations: &[Violation]) -> String {
@@ -392,26 +425,71 @@ fn trailers_only_status<B>(response: &http::Response<B>) -> Option<(Code, bool)>
     ))
 }
 
-/// For an error tonic produced itself (no details): the code and ErrorInfo reason to send.
-fn framework_error(code: Code, message: &str) -> (Code, &'static str, &'static str) {
+/// What the layer knows of a call when tonic answers it without details.
+struct CallFacts<'a> {
+    /// The request path (`/package.Service/Method`).
+    path: &'a str,
+    /// The request's `grpc-encoding`, if it named one.
+    encoding: Option<&'a str>,
+    /// Whether tonic's answer lists the encodings it accepts (`grpc-accept-encoding`): it does
+    /// exactly when it refused the request's encoding.
+    lists_encodings: bool,
+}
+
+/// For an error tonic produced itself (no details): the code, ErrorInfo reason and message to
+/// send. The message keeps the real cause: the method, the encoding, the decoder's words.
+fn framework_error(
+    code: Code,
+    message: &str,
+    call: &CallFacts<'_>,
+) -> (Code, &'static str, String) {
+    let with_cause = |text: &str| match message.trim() {
+        "" => text.to_owned(),
+        cause => format!("{text}: {cause}"),
+    };
     match code {
+        // Too large as sent (OUT_OF_RANGE), or once decompressed (RESOURCE_EXHAUSTED: tonic
+        // stops inflating at the limit, so a small compressed bomb costs nothing).
+        Code::ResourceExhausted => (
+            Code::ResourceExhausted,
+            "MESSAGE_TOO_LARGE",
+            with_cause("the request message is larger than the server accepts"),
+        ),
         Code::OutOfRange if message.contains("too large") => (
             Code::ResourceExhausted,
             "MESSAGE_TOO_LARGE",
-            "the request message is larger than the server accepts",
+            with_cause("the request message is larger than the server accepts"),
         ),
         Code::Internal => (
             Code::InvalidArgument,
             "MALFORMED_MESSAGE",
-            "the request is not a valid message of this method",
+            with_cause("the request is not a valid message of this method"),
         ),
-        Code::Unimplemented => (Code::Unimplemented, "UNIMPLEMENTED", "no such method"),
+        Code::Unimplemented if call.lists_encodings => (
+            Code::Unimplemented,
+            "UNSUPPORTED_ENCODING",
+            format!(
+                "the request is compressed with `{}`, which this server does not accept; \
+                 it accepts {}",
+                call.encoding.unwrap_or_default(),
+                ENCODINGS.map(|e| e.to_string()).join(", "),
+            ),
+        ),
+        Code::Unimplemented => (
+            Code::Unimplemented,
+            "METHOD_NOT_FOUND",
+            format!("unknown method {}", call.path),
+        ),
         Code::Cancelled => (
             Code::DeadlineExceeded,
             "DEADLINE_EXCEEDED",
-            "the caller's deadline passed",
+            DEADLINE_PASSED.to_owned(),
         ),
-        other => (other, "TRANSPORT", "the request could not be handled"),
+        other => (
+            other,
+            "TRANSPORT",
+            with_cause("the request could not be handled"),
+        ),
     }
 }
 
@@ -518,6 +596,23 @@ where
         );
         request.extensions_mut().insert(trace);
         request.extensions_mut().insert(RequestId(id.clone()));
+        // The caller's deadline, counted from now: before tonic's own timer (which wraps this
+        // layer, starts after it and answers CANCELLED without details), so ours fires first.
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .and_then(|timeout| Instant::now().checked_add(timeout));
+        if let Some(at) = deadline {
+            request.extensions_mut().insert(Deadline(at));
+        }
+        let path = request.uri().path().to_owned();
+        let encoding = request
+            .headers()
+            .get("grpc-encoding")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let domain = self.domain;
         let in_flight = InFlight::enter(&self.in_flight);
         let is_health = request.uri().path().starts_with("/grpc.health.");
@@ -554,7 +649,18 @@ where
         Box::pin(
             async move {
                 let _in_flight = in_flight;
-                let mut result = future.await;
+                let mut result = match deadline {
+                    None => future.await,
+                    Some(at) => tokio::select! {
+                        biased;
+                        result = future => result,
+                        () = tokio::time::sleep_until(at.into()) => {
+                            let status =
+                                status(domain, Code::DeadlineExceeded, "DEADLINE_EXCEEDED", DEADLINE_PASSED, &[]);
+                            Ok(status.into_http::<RB>())
+                        }
+                    },
+                };
                 metrics::gauge!("grpc_server_in_flight").decrement(1.0);
                 let elapsed = started.elapsed();
                 let span = tracing::Span::current();
@@ -570,14 +676,23 @@ where
                                 let message = Status::from_header_map(response.headers())
                                     .map(|s| s.message().to_owned())
                                     .unwrap_or_default();
-                                let (mapped, reason, text) = framework_error(status_code, &message);
+                                let call = CallFacts {
+                                    path: &path,
+                                    encoding: encoding.as_deref(),
+                                    lists_encodings: response
+                                        .headers()
+                                        .contains_key("grpc-accept-encoding"),
+                                };
+                                let (mapped, reason, text) =
+                                    framework_error(status_code, &message, &call);
                                 tracing::debug!(?status_code, message, "framework error");
                                 // INVALID_ARGUMENT carries BadRequest (the contract): the field
                                 // that would not decode, when the decoder named one.
                                 let violations = match mapped {
-                                    Code::InvalidArgument => {
-                                        vec![Violation::new(undecodable_field(&message), text)]
-                                    }
+                                    Code::InvalidArgument => vec![Violation::new(
+                                        undecodable_field(&message),
+                                        text.clone(),
+                                    )],
                                     _ => Vec::new(),
                                 };
                                 let rich = status(domain, mapped, reason, text, &violations);
@@ -601,11 +716,9 @@ where
     }
 }
 
-/// When the caller's deadline (its `grpc-timeout` metadata) runs out, if it sent one.
-pub fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Instant> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let timeout = parse_grpc_timeout(value)?;
-    Instant::now().checked_add(timeout)
+/// When the caller's deadline runs out, if it sent one (see [`Deadline`]).
+pub fn caller_deadline<T>(request: &tonic::Request<T>) -> Option<Instant> {
+    request.extensions().get::<Deadline>().map(|d| d.0)
 }
 
 /// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
@@ -784,10 +897,25 @@ pub async fn serve(
     use anyhow::Context as _;
     let addr = listener.local_addr()?;
     let (health, health_service) = health(options.service_name).await;
+    // Health answers are a few bytes: accepted compressed, never sent compressed. Reflection's
+    // file descriptors are kilobytes: compressed both ways.
+    let health_service = ENCODINGS
+        .into_iter()
+        .fold(health_service, |server, e| server.accept_compressed(e));
+    let reflection = ENCODINGS
+        .into_iter()
+        .fold(reflection_v1(options.service_name)?, |server, e| {
+            server.accept_compressed(e).send_compressed(e)
+        });
+    let reflection_alpha = ENCODINGS
+        .into_iter()
+        .fold(reflection_v1alpha(options.service_name)?, |server, e| {
+            server.accept_compressed(e).send_compressed(e)
+        });
     let routes = routes
         .add_service(health_service)
-        .add_service(reflection_v1(options.service_name)?)
-        .add_service(reflection_v1alpha(options.service_name)?);
+        .add_service(reflection)
+        .add_service(reflection_alpha);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let tracer = RpcTraceLayer::new(options.error_domain, options.max_in_flight);
     let mut builder = tonic::transport::Server::builder();

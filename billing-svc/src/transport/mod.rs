@@ -8,7 +8,9 @@ mod status;
 use std::sync::Arc;
 
 use contract::billing::v1 as pb;
-use contract::rpc::{RequestId, TraceParent, bearer_token, caller_deadline, record_directory};
+use contract::rpc::{
+    RequestId, TraceParent, bearer_token, caller_deadline, record_directory, reply,
+};
 use tonic::{Request, Response, Status};
 
 use crate::domain::{CallContext, Caller, Check, Service};
@@ -32,7 +34,7 @@ impl BillingApi {
     async fn caller<T>(&self, request: &Request<T>, check: Check) -> Result<Caller, Status> {
         let call = CallContext {
             token: bearer_token(request).map(str::to_owned),
-            deadline: caller_deadline(request.metadata()),
+            deadline: caller_deadline(request),
             request_id: request
                 .extensions()
                 .get::<RequestId>()
@@ -62,7 +64,7 @@ impl pb::billing_service_server::BillingService for BillingApi {
             .iter()
             .map(convert::offer)
             .collect();
-        Ok(Response::new(pb::ListOffersResponse { offers }))
+        Ok(reply(pb::ListOffersResponse { offers }))
     }
 
     async fn create_subscription(
@@ -76,7 +78,7 @@ impl pb::billing_service_server::BillingService for BillingApi {
             .create_subscription(&caller, new)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(convert::subscription(created)))
+        Ok(reply(convert::subscription(created)))
     }
 
     async fn get_subscription(
@@ -91,7 +93,7 @@ impl pb::billing_service_server::BillingService for BillingApi {
             .get_subscription(&caller, id)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(convert::subscription(found)))
+        Ok(reply(convert::subscription(found)))
     }
 
     async fn list_subscriptions(
@@ -105,7 +107,7 @@ impl pb::billing_service_server::BillingService for BillingApi {
             .list_subscriptions(&caller, query)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::ListSubscriptionsResponse {
+        Ok(reply(pb::ListSubscriptionsResponse {
             subscriptions: page
                 .subscriptions
                 .into_iter()
@@ -127,6 +129,6 @@ impl pb::billing_service_server::BillingService for BillingApi {
             .cancel_subscription(&caller, id)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(convert::subscription(cancelled)))
+        Ok(reply(convert::subscription(cancelled)))
     }
 }

@@ -8,7 +8,7 @@ mod status;
 use std::sync::Arc;
 
 use contract::directory::v1 as pb;
-use contract::rpc::{bearer_token, record_directory};
+use contract::rpc::{bearer_token, record_directory, reply};
 use tonic::{Request, Response, Status};
 
 use crate::domain::Service;
@@ -52,7 +52,7 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
             .create_directory(new, peer)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::CreateDirectoryResponse {
+        Ok(reply(pb::CreateDirectoryResponse {
             directory: Some(convert::directory(directory)),
             admin: Some(convert::user(admin)),
         }))
@@ -66,7 +66,7 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
             .sign_in(upn, password, peer)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::SignInResponse {
+        Ok(reply(pb::SignInResponse {
             access_token: signed_in.access_token,
             expire_time: Some(contract::time::timestamp(signed_in.expire_time)),
             user: Some(convert::user(signed_in.user)),
@@ -76,7 +76,7 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
     async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Reply<pb::WhoAmIResponse> {
         let caller = self.caller(&request).await?;
         let (user, directory) = self.service.who_am_i(caller).await.map_err(to_status)?;
-        Ok(Response::new(pb::WhoAmIResponse {
+        Ok(reply(pb::WhoAmIResponse {
             user: Some(convert::user(user)),
             directory: Some(convert::directory(directory)),
         }))
@@ -93,7 +93,7 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
             .get_directory(&caller, id)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(convert::directory(directory)))
+        Ok(reply(convert::directory(directory)))
     }
 
     async fn create_user(&self, request: Request<pb::CreateUserRequest>) -> Reply<pb::User> {
@@ -104,7 +104,7 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
             .create_user(&caller, new)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(convert::user(user)))
+        Ok(reply(convert::user(user)))
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Reply<pb::User> {
@@ -115,7 +115,7 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
             .get_user(&caller, lookup)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(convert::user(user)))
+        Ok(reply(convert::user(user)))
     }
 
     async fn list_users(
@@ -129,7 +129,7 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
             .list_users(&caller, query)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::ListUsersResponse {
+        Ok(reply(pb::ListUsersResponse {
             users: page.users.into_iter().map(convert::user).collect(),
             next_page_token: page.next_page_token,
         }))
@@ -143,7 +143,7 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
             .set_user_roles(&caller, id, roles)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(convert::user(user)))
+        Ok(reply(convert::user(user)))
     }
 
     async fn delete_user(&self, request: Request<pb::DeleteUserRequest>) -> Reply<()> {
@@ -153,7 +153,7 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
             .delete_user(&caller, id)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(()))
+        Ok(reply(()))
     }
 
     async fn authorize(
@@ -163,6 +163,6 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
         let caller = self.caller(&request).await?;
         let action = convert::authorize(request.into_inner()).map_err(to_status)?;
         let decision = self.service.authorize(caller, action);
-        Ok(Response::new(convert::decision(decision)))
+        Ok(reply(convert::decision(decision)))
     }
 }
