@@ -2,7 +2,7 @@
 //! directory replica (one HTTP/2 connection per CPU, lazily connected, reconnecting by
 //! itself; see [`channel`]), round-robin over the replicas that are not marked down, a
 //! deadline on every call (the smaller of the caller's remaining deadline and the configured
-//! directory timeout), and retries of calls that got no answer (UNAVAILABLE, or UNKNOWN: the
+//! directory timeout; running out of the caller's is its DEADLINE_EXCEEDED), and retries of calls that got no answer (UNAVAILABLE, or UNKNOWN: the
 //! connection broke with the call on it), which is safe because Authorize changes nothing;
 //! with another replica up, any failure that is not an answer about the token or the request
 //! goes to it. A replica that fails is marked down for a moment, so calls go to the others at
@@ -23,10 +23,31 @@ use channel::{H2Channel, Target};
 
 use crate::domain::{Authorizer, CallContext, Caller, Check, Error, Result};
 
-/// Time kept back from the caller's deadline so our answer reaches them before it (and
-/// tonic's own timeout) expires: a tenth of what is left, between 10 and 100 ms.
+/// Time kept back from the caller's deadline so that our answer, when the directory fails,
+/// reaches the caller before its deadline: a twentieth of what is left, at most 20 ms. A
+/// fraction, never a floor: a caller that gives 3 ms to a 1 ms call gets its answer.
 fn answer_margin(left: Duration) -> Duration {
-    (left / 10).clamp(Duration::from_millis(10), Duration::from_millis(100))
+    (left / 20).min(Duration::from_millis(20))
+}
+
+/// How long a call may wait for the directory, and whose limit that is.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    until: Instant,
+    /// The caller's deadline is the tighter limit: running out of time is then the caller's
+    /// DEADLINE_EXCEEDED, not the directory's failure.
+    callers: bool,
+}
+
+impl Budget {
+    /// The error for a call that ran out of this budget.
+    fn spent(self) -> Error {
+        if self.callers {
+            Error::DeadlineExceeded
+        } else {
+            Error::DirectoryUnavailable
+        }
+    }
 }
 const FIRST_BACKOFF: Duration = Duration::from_millis(25);
 const MAX_BACKOFF: Duration = Duration::from_millis(400);
@@ -128,14 +149,24 @@ impl GrpcDirectory {
             .any(|r| !std::ptr::eq(r, failed) && r.down_until_ms.load(Ordering::Relaxed) <= now)
     }
 
-    fn deadline(&self, call: &CallContext) -> Instant {
-        let ours = Instant::now() + self.timeout;
+    /// The smaller of the caller's remaining deadline (less [`answer_margin`]) and the
+    /// configured directory timeout.
+    fn budget(&self, call: &CallContext) -> Budget {
+        let now = Instant::now();
+        let ours = now + self.timeout;
         match call.deadline {
             Some(theirs) => {
-                let left = theirs.saturating_duration_since(Instant::now());
-                ours.min(theirs.checked_sub(answer_margin(left)).unwrap_or(theirs))
+                let left = theirs.saturating_duration_since(now);
+                let theirs = now + (left - answer_margin(left));
+                Budget {
+                    until: ours.min(theirs),
+                    callers: theirs < ours,
+                }
             }
-            None => ours,
+            None => Budget {
+                until: ours,
+                callers: false,
+            },
         }
     }
 }
@@ -150,7 +181,8 @@ fn action(check: Check) -> dpb::Action {
 #[async_trait]
 impl Authorizer for GrpcDirectory {
     async fn authorize(&self, token: &str, call: &CallContext, check: Check) -> Result<Caller> {
-        let deadline = self.deadline(call);
+        let budget = self.budget(call);
+        let deadline = budget.until;
         let bearer = format!("Bearer {token}")
             .parse::<tonic::metadata::MetadataValue<_>>()
             .map_err(|_| Error::InvalidToken)?;
@@ -166,7 +198,7 @@ impl Authorizer for GrpcDirectory {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(Error::DirectoryUnavailable);
+                return Err(budget.spent());
             }
             let mut request = tonic::Request::new(dpb::AuthorizeRequest {
                 action: action(check) as i32,
@@ -211,7 +243,7 @@ impl Authorizer for GrpcDirectory {
                     if failover {
                         continue;
                     }
-                    return Err(Error::DirectoryUnavailable);
+                    return Err(budget.spent());
                 }
                 Ok(Ok(answer)) => {
                     let answer = answer.into_inner();
@@ -245,6 +277,11 @@ impl Authorizer for GrpcDirectory {
                         "directory replica failed; trying another"
                     );
                     self.mark_down(replica);
+                }
+                // The directory gave up at the deadline we passed on: the caller's, or ours.
+                Code::DeadlineExceeded | Code::Cancelled => {
+                    tracing::debug!(replica = %replica.url, "directory call ran out of time");
+                    return Err(budget.spent());
                 }
                 // Alone: down, or the connection broke mid-call (it reconnects by itself).
                 Code::Unavailable | Code::Unknown if Instant::now() + backoff < deadline => {

@@ -26,9 +26,13 @@ pub enum Error {
     FreeTrialUsed,
     #[error("request_id was already used with different fields")]
     RequestIdReused,
-    /// The directory service could not be reached or did not answer in time.
+    /// The directory service could not be reached, failed, or did not answer within billing's
+    /// own directory timeout, all within a time the caller allowed.
     #[error("the directory service is unavailable; retry later")]
     DirectoryUnavailable,
+    /// The caller's deadline ran out before the directory answered.
+    #[error("the caller's deadline passed before the directory answered")]
+    DeadlineExceeded,
     /// Our own database cannot be reached right now.
     #[error("the billing database is unavailable; retry later")]
     Unavailable(#[source] anyhow::Error),

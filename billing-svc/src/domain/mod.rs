@@ -55,8 +55,9 @@ pub struct Caller {
 /// The directory service, as billing needs it.
 #[async_trait]
 pub trait Authorizer: Send + Sync + 'static {
-    /// Fails with [`Error::InvalidToken`] when the directory refuses the token, and with
-    /// [`Error::DirectoryUnavailable`] when it cannot answer within the call's deadline.
+    /// Fails with [`Error::InvalidToken`] when the directory refuses the token, with
+    /// [`Error::DeadlineExceeded`] when the caller's deadline runs out first, and with
+    /// [`Error::DirectoryUnavailable`] when the directory fails within the time allowed.
     async fn authorize(&self, token: &str, call: &CallContext, check: Check) -> Result<Caller>;
 }
 

@@ -29,6 +29,7 @@ pub fn to_status(err: Error) -> Status {
         Error::FreeTrialUsed => (Code::FailedPrecondition, "FREE_TRIAL_ALREADY_USED", vec![]),
         Error::RequestIdReused => (Code::FailedPrecondition, "REQUEST_ID_REUSED", vec![]),
         Error::DirectoryUnavailable => (Code::Unavailable, "DIRECTORY_UNAVAILABLE", vec![]),
+        Error::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED", vec![]),
         Error::Unavailable(source) => {
             tracing::warn!(error = format!("{source:#}"), "database unavailable");
             (Code::Unavailable, "DATABASE_UNAVAILABLE", vec![])
