@@ -431,9 +431,9 @@ struct CallFacts<'a> {
     path: &'a str,
     /// The request's `grpc-encoding`, if it named one.
     encoding: Option<&'a str>,
-    /// Whether tonic's answer lists the encodings it accepts (`grpc-accept-encoding`): it does
+    /// The encodings tonic's answer lists as accepted (`grpc-accept-encoding`): it lists them
     /// exactly when it refused the request's encoding.
-    lists_encodings: bool,
+    accepted: Option<&'a str>,
 }
 
 /// For an error tonic produced itself (no details): the code, ErrorInfo reason and message to
@@ -465,14 +465,14 @@ fn framework_error(
             "MALFORMED_MESSAGE",
             with_cause("the request is not a valid message of this method"),
         ),
-        Code::Unimplemented if call.lists_encodings => (
+        Code::Unimplemented if call.accepted.is_some() => (
             Code::Unimplemented,
             "UNSUPPORTED_ENCODING",
             format!(
                 "the request is compressed with `{}`, which this server does not accept; \
                  it accepts {}",
                 call.encoding.unwrap_or_default(),
-                ENCODINGS.map(|e| e.to_string()).join(", "),
+                call.accepted.unwrap_or_default(),
             ),
         ),
         Code::Unimplemented => (
@@ -679,9 +679,10 @@ where
                                 let call = CallFacts {
                                     path: &path,
                                     encoding: encoding.as_deref(),
-                                    lists_encodings: response
+                                    accepted: response
                                         .headers()
-                                        .contains_key("grpc-accept-encoding"),
+                                        .get("grpc-accept-encoding")
+                                        .and_then(|v| v.to_str().ok()),
                                 };
                                 let (mapped, reason, text) =
                                     framework_error(status_code, &message, &call);
