@@ -53,6 +53,36 @@ fn postgres_required() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// A loopback port free at the moment of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// GET http://127.0.0.1:port/metrics, as a scraper would.
+pub fn scrape(port: u16) -> String {
+    for _ in 0..50 {
+        use std::io::{Read as _, Write as _};
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let request = format!(
+                "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+            );
+            if stream.write_all(request.as_bytes()).is_ok() {
+                let mut body = String::new();
+                let _ = stream.read_to_string(&mut body);
+                if body.starts_with("HTTP/1.1 200") {
+                    return body;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no metrics on port {port}");
+}
+
 /// A fresh database for one test, removed when dropped.
 pub struct TestDb {
     pub url: String,

@@ -1,8 +1,6 @@
 //! What operators rely on: Prometheus metrics, structured logs with one request id and trace
 //! across both services, and no secrets in logs.
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use integration_tests::contract::billing::v1 as bpb;
@@ -10,34 +8,6 @@ use integration_tests::contract::directory::v1 as dpb;
 use integration_tests::process::Proc;
 use integration_tests::*;
 use tonic::transport::Channel;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// GET http://127.0.0.1:port/metrics, as a scraper would.
-fn scrape(port: u16) -> String {
-    for _ in 0..50 {
-        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let request = format!(
-                "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-            );
-            if stream.write_all(request.as_bytes()).is_ok() {
-                let mut body = String::new();
-                let _ = stream.read_to_string(&mut body);
-                if body.starts_with("HTTP/1.1 200") {
-                    return body;
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("no metrics on port {port}");
-}
 
 /// The value of the first sample line that starts with `prefix`.
 fn sample(metrics: &str, prefix: &str) -> Option<f64> {

@@ -313,10 +313,7 @@ async fn framework_refusals_name_their_cause(backend: Backend) {
 #[tokio::test]
 async fn a_deadline_passing_on_the_server_is_deadline_exceeded_logged_and_counted() {
     let db = TestDb::sqlite();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let metrics_port = free_port();
     // Argon2 at its production cost: a sign-in takes tens of milliseconds, so a deadline of a
     // few passes while it runs.
     let directory = Proc::start(
@@ -401,22 +398,6 @@ async fn a_deadline_passing_on_the_server_is_deadline_exceeded_logged_and_counte
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(logged(), 40, "every expired call has its log line");
-}
-
-/// GET http://127.0.0.1:port/metrics, as a scraper would.
-fn scrape(port: u16) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .expect("send");
-    let mut body = String::new();
-    let _ = stream.read_to_string(&mut body);
-    body
 }
 
 /// Billing spends the time the caller gives it: a few milliseconds are enough for a read, a
