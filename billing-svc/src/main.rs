@@ -3,7 +3,7 @@ use billing_svc::{Application, Config};
 use clap::Parser as _;
 use contract::launch::{Launch, run};
 
-/// jemalloc: per-thread caches without glibc's arena locks (see the workspace Cargo.toml).
+/// jemalloc: per-thread caches without glibc's arena locks (docs/decisions/jemalloc.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -3,7 +3,7 @@ use contract::launch::{Launch, run};
 use directory_svc::config::{Cli, LogFormat};
 use directory_svc::{Application, Config};
 
-/// jemalloc: per-thread caches without glibc's arena locks (see the workspace Cargo.toml).
+/// jemalloc: per-thread caches without glibc's arena locks (docs/decisions/jemalloc.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

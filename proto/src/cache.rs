@@ -1,4 +1,5 @@
-//! A read-through cache of rows that only this process writes, invalidated exactly.
+//! A read-through cache of rows that only this process writes, invalidated exactly
+//! (docs/decisions/caches.md).
 //!
 //! It is only correct when every write to the cached rows goes through this process: the
 //! services enable it on SQLite, where [`crate::db::Ownership`] makes the process the file's

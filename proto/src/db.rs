@@ -40,7 +40,7 @@ impl Engine {
     /// its name, which SQLite finds by walking the list of named parameters from the first, so
     /// `$1 ... $n` cost n²/2 steps per execution (346,000 for a batch of 64 purchases, 832
     /// parameters). In billing's closed-loop purchases that was over a quarter of the SQLite
-    /// thread's time (BENCHMARKS.md, sixteenth session).
+    /// thread's time (docs/decisions/sqlite-anonymous-placeholders.md).
     pub fn push_value_rows(self, sql: &mut String, rows: usize, cols: usize) {
         use std::fmt::Write as _;
         for row in 0..rows {
@@ -82,7 +82,7 @@ pub(crate) const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 /// SQLite). A task that runs statements back to back keeps one instead: it is pinged only
 /// after a second without use (as the pool does with its own idle connections),
 /// given back after a failure (the pool tests it on the way back) and when the pool starts
-/// closing (see [`HeldConnection::wait`]).
+/// closing (see [`HeldConnection::wait`]). Measured: docs/decisions/pool-pings.md.
 #[derive(Debug)]
 pub struct HeldConnection {
     pool: AnyPool,
@@ -224,7 +224,7 @@ impl WriteGate {
 /// virtio disk 25 ms came out ahead. Purchases' p99 on SQLite, 25 against 100 ms, ten
 /// interleaved pairs each: 4.36 against 6.17 ms at 9,333/s, 2.13 against 2.51 ms at 3,500/s;
 /// 1 s and 300 ms were far worse (the WAL reached [`RESTART_WAL_AT_FRAMES`] between
-/// checkpoints); BENCHMARKS.md, sixteenth session.
+/// checkpoints); docs/decisions/sqlite-wal-checkpointer.md.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(25);
 
 /// The WAL length (in pages: 64 MiB of 4 KiB pages) from which the checkpointer holds the
@@ -233,9 +233,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(25);
 /// pass (two `fsync`s) takes 2-3 ms, sometimes 10-25: at 4 MiB every pass was a held one, and
 /// about one purchase in forty waited for it. At 64 MiB a held pass comes about once a second
 /// (purchases' p99 at 3,700/s open loop on SQLite, paired runs, 6 + 6 + 8 pairs: medians
-/// 7.4 -> 5.8, 7.7 -> 6.1 and 8.4 -> 6.5 ms; BENCHMARKS.md, ninth session). Without
-/// sustained writes the passive pass catches up and the WAL starts over on its own, long
-/// before this.
+/// 7.4 -> 5.8, 7.7 -> 6.1 and 8.4 -> 6.5 ms; docs/decisions/sqlite-wal-checkpointer.md).
+/// Without sustained writes the passive pass catches up and the WAL starts over on its own,
+/// long before this.
 const RESTART_WAL_AT_FRAMES: i64 = 16_384;
 
 async fn checkpoint_wal(pool: AnyPool, writers: WriteGate, restart_at_frames: i64) {
@@ -347,7 +347,7 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> anyhow::Result<AnyPo
         // fails); pinging again before each use would cost one more round trip per statement.
         // A connection idle for a while, or since another was lost, is pinged before use, so
         // one a PostgreSQL restart broke while it sat in the pool is replaced instead of
-        // failing a caller.
+        // failing a caller (docs/decisions/pool-pings.md).
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {

@@ -31,10 +31,10 @@ pub struct Launch<'a> {
 /// (a call's task woken by its connection's task, and back) goes into the worker's one-task
 /// slot, runs next on that worker, and no idle worker is woken for it or may take it: it waits
 /// for whatever its worker runs first. Without it, the task goes to the worker's queue, an
-/// idle worker is woken, and it takes the task. Measured on two cores (BENCHMARKS.md,
-/// thirteenth session; three pairs on SQLite): health 63,000-68,000 -> 74,000-84,000 req/s at
-/// concurrency 64, both services' CPU per purchase 7-9% lower (four pairs), p99 at the same
-/// rate unchanged.
+/// idle worker is woken, and it takes the task. Measured on two cores
+/// (docs/decisions/tokio-lifo-slot.md; three pairs on SQLite): health 63,000-68,000 ->
+/// 74,000-84,000 req/s at concurrency 64, both services' CPU per purchase 7-9% lower (four
+/// pairs), p99 at the same rate unchanged.
 ///
 /// Needs `--cfg tokio_unstable` (`.cargo/config.toml`, which lists what overrides it); built
 /// without it, the runtime keeps the slot, which changes speed, not behaviour, and the unit

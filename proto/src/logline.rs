@@ -4,7 +4,7 @@
 //! integer formats. Every call writes an access line, so that showed in the profile of every
 //! call. [`PlainFull`] writes the same bytes without those layers; with colour codes (a
 //! terminal), and for records bridged from the `log` crate, it hands the event to the default
-//! format, unchanged.
+//! format, unchanged (docs/decisions/plain-log-line.md).
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -10,7 +10,7 @@
 //! Nothing wakes the writer per line. A writer woken for each line (tracing-appender's,
 //! which this replaced) cost each call a thread wake-up and a `write` of its own: about 10 µs
 //! of CPU per line at 6,000 purchases per second, a tenth of all the CPU a purchase took
-//! (BENCHMARKS.md, tenth session). Here the writer sleeps [`FLUSH_EVERY`] between batches
+//! (docs/decisions/log-writer.md). Here the writer sleeps [`FLUSH_EVERY`] between batches
 //! while lines keep coming, and waits for the next line when none came.
 //!
 //! If the sink stalls (a collector that stopped reading, a full pipe), lines collect up to

@@ -232,7 +232,7 @@ pub fn init_tracing(json: bool) -> crate::logs::LogGuard {
 /// appears twice in the stored object; the JSON event formatter parses that object into a map
 /// for each line it writes, where the later value wins, as it did with `JsonFields`. So the
 /// object grows with every record: fine for an RPC's span, recorded three times; a long-lived
-/// span recorded in a loop would need `JsonFields`.
+/// span recorded in a loop would need `JsonFields` (docs/decisions/json-span-fields.md).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct JsonSpanFields;
 
@@ -348,7 +348,7 @@ pub fn record_directory(directory_id: &str) {
 /// connection's dynamic table, where a new value per call would only evict the entries that
 /// do repeat (content type, the authority), and where h2 compares a header with every entry
 /// of the same name before it adds one, so a table full of request ids cost billing about 4%
-/// of its CPU (BENCHMARKS.md, eleventh session).
+/// of its CPU (docs/decisions/hpack-never-indexed.md).
 pub fn per_call_value(value: &str) -> Option<http::HeaderValue> {
     let mut value = http::HeaderValue::from_str(value).ok()?;
     value.set_sensitive(true);

@@ -7,7 +7,7 @@ On a shared VM a core can run at a fraction of its speed for tens of millisecond
 the host gives the physical core to someone else, without any of it showing as `steal` in
 /proc/stat. Open-loop latency then measures the neighbours: a load that keeps 45% of the
 machine busy needs 90-180% of it in such a stretch, and calls queue for as long as it lasts.
-Run this before trusting a latency figure (BENCHMARKS.md, eighteenth session).
+Run this before trusting a latency figure (BENCHMARKS.md, "Machine and setup": the Intel VM).
 
   python3 tests/bench/steady.py [--seconds 5] [--unit-ms 1]
 """

@@ -1,6 +1,6 @@
 //! A gRPC channel to one directory replica over one HTTP/2 connection, driven through `h2`
 //! directly. The load generator (`tests/src/loadgen`) sends its load over it too, for the
-//! same reason.
+//! same reason (docs/decisions/directory-h2-channel.md).
 //!
 //! tonic's `Channel` puts a `tower::Buffer` in front of hyper's client: every call is handed
 //! to the buffer's task, which hands it to hyper's connection task, which spawns a task per

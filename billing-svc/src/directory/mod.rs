@@ -59,7 +59,8 @@ const MARK_DOWN: Duration = Duration::from_secs(2);
 struct Replica {
     url: String,
     /// One HTTP/2 connection per CPU: a single connection's frames are all handled by one
-    /// task under one lock, which becomes the bottleneck when every billing call makes one.
+    /// task under one lock, which becomes the bottleneck when every billing call makes one
+    /// (docs/decisions/directory-connections-per-cpu.md).
     clients: Box<[DirectoryServiceClient<H2Channel>]>,
     next_client: AtomicUsize,
     /// Until when (milliseconds since `GrpcDirectory::epoch`) this replica is passed over.

@@ -189,7 +189,8 @@ impl Service {
         // concurrent twin) in the same statement, so a new purchase costs one write and no read.
         // A time-ordered (version 7) id: new rows go to the end of the primary-key index
         // instead of a random page of it, so a commit writes far fewer pages (WAL on both
-        // engines, full-page images on PostgreSQL). 74 of its bits are still random.
+        // engines, full-page images on PostgreSQL). 74 of its bits are still random
+        // (docs/decisions/time-ordered-ids.md).
         let subscription = Subscription {
             id: uuid::Uuid::now_v7().to_string(),
             offer: new.offer,

@@ -235,7 +235,7 @@ impl BillingStore for SqlStore {
 /// indexes refused (a request_id or free trial taken, by an earlier call or a twin in the same
 /// batch) is [`StoreError::Conflict`] for that caller only; any other failure fails the batch.
 /// Under light load a batch is one purchase and nothing waits; under heavy load one commit
-/// serves many.
+/// serves many (docs/decisions/purchase-group-commit.md).
 async fn group_commit(
     pool: AnyPool,
     engine: Engine,

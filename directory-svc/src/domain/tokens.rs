@@ -16,7 +16,8 @@
 //! Why not a JWT: the token rides in the `authorization` header of every call, twice on the
 //! billing path (client to billing, billing to directory), and HPACK never indexes it, so each
 //! hop Huffman-codes and decodes it whole. A JWT of the same claims is about 340 characters;
-//! this one is 76, and verifying it is one MAC over 57 bytes, with no JSON.
+//! this one is 76, and verifying it is one MAC over 57 bytes, with no JSON
+//! (docs/decisions/compact-access-tokens.md).
 
 use std::time::Duration;
 

@@ -150,7 +150,7 @@ pub async fn connect(url: &str) -> anyhow::Result<Channel> {
 /// sends the call on the connection itself), not tonic's `Channel`, which hands every call to
 /// a buffer task and has hyper spawn a task to send each request body. On a two-core machine
 /// the load generator shares the cores with what it measures, so those two task wake-ups per
-/// call were paid by the services too (BENCHMARKS.md, eleventh session).
+/// call were paid by the services too (docs/decisions/directory-h2-channel.md).
 #[derive(Clone)]
 pub struct Conn {
     health: HealthClient<H2Channel>,
