@@ -286,8 +286,16 @@ fn append_json_object(mut object: String, more: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(pub String);
 
-const REQUEST_ID: &str = "x-request-id";
-const TRACEPARENT: &str = "traceparent";
+// Header names parsed once: a `&str` name is parsed and validated on every lookup.
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+const GRPC_ENCODING: http::HeaderName = http::HeaderName::from_static("grpc-encoding");
+const GRPC_ACCEPT_ENCODING: http::HeaderName =
+    http::HeaderName::from_static("grpc-accept-encoding");
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_STATUS_DETAILS: http::HeaderName =
+    http::HeaderName::from_static("grpc-status-details-bin");
 
 /// The W3C trace context of a call: the caller's trace id (or a new one) and this hop's span
 /// id. The layer puts it in the request's extensions; billing forwards it to the directory.
@@ -414,14 +422,14 @@ pub struct RpcTrace<S> {
 fn trailers_only_status<B>(response: &http::Response<B>) -> Option<(Code, bool)> {
     let code = response
         .headers()
-        .get("grpc-status")?
+        .get(&GRPC_STATUS)?
         .to_str()
         .ok()?
         .parse::<i32>()
         .ok()?;
     Some((
         Code::from_i32(code),
-        response.headers().contains_key("grpc-status-details-bin"),
+        response.headers().contains_key(&GRPC_STATUS_DETAILS),
     ))
 }
 
@@ -570,7 +578,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let id = match request.headers().get(REQUEST_ID).and_then(sane_request_id) {
+        let id = match request.headers().get(&REQUEST_ID).and_then(sane_request_id) {
             Some(id) => id.to_owned(),
             None => {
                 let id = uuid::Uuid::new_v4().to_string();
@@ -581,7 +589,7 @@ where
             }
         };
         let method = crate::metrics::method_label(request.uri().path());
-        let trace = TraceParent::continue_from(request.headers().get(TRACEPARENT));
+        let trace = TraceParent::continue_from(request.headers().get(&TRACEPARENT));
         if let Ok(value) = http::HeaderValue::from_str(&trace.header()) {
             request.headers_mut().insert(TRACEPARENT, value);
         }
@@ -600,19 +608,16 @@ where
         // layer, starts after it and answers CANCELLED without details), so ours fires first.
         let deadline = request
             .headers()
-            .get("grpc-timeout")
+            .get(&GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .and_then(|timeout| Instant::now().checked_add(timeout));
         if let Some(at) = deadline {
             request.extensions_mut().insert(Deadline(at));
         }
-        let path = request.uri().path().to_owned();
-        let encoding = request
-            .headers()
-            .get("grpc-encoding")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        // For the message of a framework error; cheap clones (shared bytes), no allocation.
+        let uri = request.uri().clone();
+        let encoding = request.headers().get(&GRPC_ENCODING).cloned();
         let domain = self.domain;
         let in_flight = InFlight::enter(&self.in_flight);
         let is_health = request.uri().path().starts_with("/grpc.health.");
@@ -677,11 +682,11 @@ where
                                     .map(|s| s.message().to_owned())
                                     .unwrap_or_default();
                                 let call = CallFacts {
-                                    path: &path,
-                                    encoding: encoding.as_deref(),
+                                    path: uri.path(),
+                                    encoding: encoding.as_ref().and_then(|v| v.to_str().ok()),
                                     accepted: response
                                         .headers()
-                                        .get("grpc-accept-encoding")
+                                        .get(&GRPC_ACCEPT_ENCODING)
                                         .and_then(|v| v.to_str().ok()),
                                 };
                                 let (mapped, reason, text) =
