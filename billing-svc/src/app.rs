@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use contract::billing::v1::billing_service_server::{BillingServiceServer, SERVICE_NAME};
-use contract::db::{Engine, Ownership};
 use contract::paging::PageTokens;
-use contract::peers::Peers;
-use contract::rpc::ServeOptions;
+use platform::rpc::ServeOptions;
+use storage::db::{Engine, Ownership};
+use storage::peers::Peers;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
@@ -51,11 +51,11 @@ impl Application {
         )?;
         let ownership = Ownership::claim(&config.database_url)?;
         let engine = Engine::of(&config.database_url)?;
-        let pool = contract::db::connect(&config.database_url, &config.pool).await?;
+        let pool = storage::db::connect(&config.database_url, &config.pool).await?;
         let mut store = SqlStore::new(pool, engine)
             .await
             .context("cannot migrate the database")?;
-        let page_key = contract::db::secret(store.pool(), "page-token-key").await?;
+        let page_key = storage::db::secret(store.pool(), "page-token-key").await?;
         let pool = store.pool().clone();
         let peers = (engine == Engine::Postgres)
             .then(|| Arc::new(Peers::new(&config.database_url, pool.clone())));
@@ -95,8 +95,8 @@ impl Application {
     /// drains in-flight calls (at most the configured drain time).
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         // Compressed requests accepted, answers compressed when the caller accepts it (and the
-        // answer is large enough to gain: `contract::rpc::reply`).
-        let service = contract::rpc::ENCODINGS.into_iter().fold(
+        // answer is large enough to gain: `platform::rpc::reply`).
+        let service = platform::rpc::ENCODINGS.into_iter().fold(
             BillingServiceServer::new(self.api).max_decoding_message_size(MAX_MESSAGE_BYTES),
             |server, e| server.accept_compressed(e).send_compressed(e),
         );
@@ -107,9 +107,9 @@ impl Application {
             error_domain: crate::transport::ERROR_DOMAIN,
             max_in_flight: self.config.max_in_flight,
         };
-        let pool_metrics = contract::metrics::watch_pool(self.pool);
+        let pool_metrics = storage::db::watch_pool(self.pool);
         let served =
-            contract::rpc::serve(self.listener, Routes::new(service), options, shutdown).await;
+            platform::rpc::serve(self.listener, Routes::new(service), options, shutdown).await;
         pool_metrics.abort();
         if let Some(peers) = &self.peers {
             peers.withdraw().await;

@@ -5,8 +5,8 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use clap::Parser;
-use contract::db::{Engine, PoolSettings, SqliteSync};
-use contract::launch::{ClientTls, ServerTls};
+use platform::tls::{ClientTls, ServerTls};
+use storage::db::{Engine, PoolSettings, SqliteSync};
 
 /// billing-svc: the offer catalogue and subscriptions, authorised by directory-svc over gRPC.
 #[derive(Debug, Parser)]
@@ -153,7 +153,7 @@ impl Config {
             tls: None,
             directory_tls: None,
             max_in_flight: 1024,
-            cache_entries: contract::cache::DEFAULT_ENTRIES,
+            cache_entries: storage::cache::DEFAULT_ENTRIES,
         }
     }
 }
@@ -165,7 +165,7 @@ impl TryFrom<&Cli> for Config {
     /// the directory URLs, and that TLS files exist and make valid identities.
     fn try_from(cli: &Cli) -> anyhow::Result<Self> {
         Engine::of(&cli.database_url)?;
-        contract::launch::check_listen(&cli.listen)?;
+        platform::launch::check_listen(&cli.listen)?;
         let directory_urls: Vec<String> = cli
             .directory_url
             .iter()

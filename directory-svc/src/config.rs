@@ -5,8 +5,8 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use clap::Parser;
-use contract::db::{Engine, PoolSettings, SqliteSync};
-use contract::launch::ServerTls;
+use platform::tls::ServerTls;
+use storage::db::{Engine, PoolSettings, SqliteSync};
 
 use crate::domain::AbuseLimits;
 use crate::domain::passwords::Argon2Cost;
@@ -161,7 +161,7 @@ impl Config {
             drain: Duration::from_secs(20),
             tls: None,
             max_in_flight: 1024,
-            cache_entries: contract::cache::DEFAULT_ENTRIES,
+            cache_entries: storage::cache::DEFAULT_ENTRIES,
             limits: AbuseLimits::default(),
         }
     }
@@ -174,7 +174,7 @@ impl TryFrom<&Cli> for Config {
     /// and that TLS files exist and make a valid identity.
     fn try_from(cli: &Cli) -> anyhow::Result<Self> {
         Engine::of(&cli.database_url)?;
-        contract::launch::check_listen(&cli.listen)?;
+        platform::launch::check_listen(&cli.listen)?;
         Ok(Self {
             listen: cli.listen.clone(),
             database_url: cli.database_url.clone(),

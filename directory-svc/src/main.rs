@@ -1,14 +1,14 @@
 use clap::Parser as _;
-use contract::launch::{Launch, run};
 use directory_svc::config::{Cli, LogFormat};
 use directory_svc::{Application, Config};
+use platform::launch::{Launch, run};
 
 /// jemalloc: per-thread caches without glibc's arena locks (docs/decisions/jemalloc.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
-    contract::launch::block_on(serve())
+    platform::launch::block_on(serve())
 }
 
 async fn serve() -> std::process::ExitCode {
@@ -23,7 +23,7 @@ async fn serve() -> std::process::ExitCode {
     };
     run(launch, Config::try_from(&cli), |config| async {
         let app = Application::build(config).await?;
-        app.run_until(contract::rpc::shutdown_signal()).await
+        app.run_until(platform::rpc::shutdown_signal()).await
     })
     .await
 }

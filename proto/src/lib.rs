@@ -1,4 +1,4 @@
-//! The contract of the service pair, and the conventions both servers share.
+//! The wire contract of the service pair, and nothing else.
 //!
 //! - [`directory::v1`] and [`billing::v1`]: Rust types and tonic stubs generated from the
 //!   `.proto` files in this folder; [`FILE_DESCRIPTOR_SET`] for server reflection.
@@ -6,34 +6,15 @@
 //!   ids, page sizes), as pure functions returning [`fields::Violation`]s.
 //! - [`paging`]: opaque, tamper-evident page tokens bound to a list, a scope and a filter.
 //! - [`mac`]: the domain-bound, truncated HMAC-SHA256 tags page and access tokens carry.
-//! - [`rpc`]: turning a service's error into a `tonic::Status` with `ErrorInfo` and
-//!   `BadRequest`, and the server plumbing (health, reflection, per-RPC spans, shutdown).
-//! - [`logs`]: the log writer thread, which writes log lines in batches, so a call never waits
-//!   on the log sink.
-//! - [`logline`]: the text log line, written without tracing-subscriber's colour-code layers.
-//! - [`db`]: opening the service's own database (embedded SQLite or PostgreSQL) with the same
-//!   code path, and persisted secrets.
-//! - [`batch`]: point reads by key that wait at the same time share one query.
-//! - [`cache`]: the exactly invalidated read cache a process may keep of an SQLite file it
-//!   owns, or of a PostgreSQL database while it holds a lease.
-//! - [`peers`]: the leases and invalidations that keep caches exact across replicas sharing
-//!   one PostgreSQL database.
+//! - [`time`]: times as the contract carries them (`google.protobuf.Timestamp`).
 //!
-//! This crate holds no business rule of either service: those live in each service's domain.
+//! It holds no business rule of either service, and no machinery: serving, telemetry and TLS
+//! live in `platform`, databases and caches in `storage`. Its dependencies are tonic, prost
+//! and small pure crates; the architecture test (`tests/tests/architecture.rs`) keeps it so.
 
-pub mod batch;
-pub mod cache;
-pub mod db;
 pub mod fields;
-pub mod launch;
-pub mod limits;
-pub mod logline;
-pub mod logs;
 pub mod mac;
-pub mod metrics;
 pub mod paging;
-pub mod peers;
-pub mod rpc;
 pub mod time;
 
 /// `directory.v1`: directories, users, roles, sign-in, Authorize.

@@ -12,6 +12,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 pub use contract;
+pub use platform;
+pub use storage;
 
 pub mod process;
 

@@ -1,4 +1,4 @@
-//! Point reads that wait at the same time share one query (`contract::batch`): the callers
+//! Point reads that wait at the same time share one query (`storage::batch`): the callers
 //! of one query must each get their own row, never a neighbour's, across users, directories
 //! and missing rows. The servers run with their caches off so that every call reads the
 //! database.

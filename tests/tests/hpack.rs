@@ -1,7 +1,7 @@
 //! The request id a service echoes in every answer goes on the wire as an HPACK literal that is
 //! never indexed: each call's id is new, so adding it to the connection's dynamic table would
 //! only evict the entries that do repeat, and h2 compares a header with every table entry of
-//! the same name before it adds one (`contract::rpc::per_call_value`).
+//! the same name before it adds one (`platform::rpc::per_call_value`).
 //!
 //! Seen from a bare HTTP/2 client: three calls on one connection, with request ids A, A and B
 //! (same length). Were the id indexed, the second answer would name it by its table index and

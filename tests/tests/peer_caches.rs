@@ -1,4 +1,4 @@
-//! Caches on PostgreSQL, where several replicas share one database (`contract::peers`): a
+//! Caches on PostgreSQL, where several replicas share one database (`storage::peers`): a
 //! change made through one replica applies to the very next call on every other replica,
 //! even while that replica keeps answering (and refilling its cache) from the same rows; a
 //! replica that loses its connection to the database stops answering from memory; and a
@@ -305,7 +305,7 @@ async fn a_writer_waits_out_a_holder_that_does_not_acknowledge() {
 
 /// A holder row that keeps being renewed but never acknowledges (acknowledgements lost on the
 /// way) cannot hold writers for ever: they stop waiting once no lease can still cover the old
-/// row (`contract::peers::SAFE_AFTER` after the commit), never before.
+/// row (`storage::peers::SAFE_AFTER` after the commit), never before.
 #[tokio::test]
 async fn a_writer_stops_waiting_for_a_silent_holder_once_no_lease_can_cover_the_old_row() {
     let Some(db) = TestDb::postgres().await else {

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use integration_tests::contract::billing::v1 as bpb;
 use integration_tests::contract::directory::v1 as dpb;
-use integration_tests::contract::launch::{ClientTls, ServerTls};
+use integration_tests::platform::tls::{ClientTls, ServerTls};
 use integration_tests::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};

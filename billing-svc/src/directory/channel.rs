@@ -103,7 +103,7 @@ pub struct Target {
 
 impl Target {
     /// From a directory URL, `http://host:port`, or `https://host:port` with `tls`.
-    pub fn parse(url: &str, tls: Option<&contract::launch::ClientTls>) -> anyhow::Result<Self> {
+    pub fn parse(url: &str, tls: Option<&platform::tls::ClientTls>) -> anyhow::Result<Self> {
         let uri: http::Uri = url
             .parse()
             .map_err(|e| anyhow::anyhow!("invalid directory URL {url:?}: {e}"))?;
@@ -153,7 +153,7 @@ impl H2Channel {
     }
 }
 
-fn tls_connector(tls: &contract::launch::ClientTls, host: &str) -> anyhow::Result<Tls> {
+fn tls_connector(tls: &platform::tls::ClientTls, host: &str) -> anyhow::Result<Tls> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     if let Some(ca) = &tls.ca_pem {
@@ -517,7 +517,7 @@ mod tests {
         let v6 = Target::parse("http://[::1]:7000", None).expect("IPv6");
         assert_eq!(v6.address, "[::1]:7000");
 
-        let refused = |url: &str, tls: Option<&contract::launch::ClientTls>| {
+        let refused = |url: &str, tls: Option<&platform::tls::ClientTls>| {
             Target::parse(url, tls)
                 .err()
                 .map(|e| e.to_string())
@@ -526,12 +526,12 @@ mod tests {
         assert!(refused("ftp://host:1", None).contains("http://"));
         assert!(refused("127.0.0.1:50051", None).contains("http://"));
         assert!(refused("https://localhost:1", None).contains("--directory-ca"));
-        let no_ca = contract::launch::ClientTls {
+        let no_ca = platform::tls::ClientTls {
             ca_pem: None,
             identity: None,
         };
         assert!(refused("https://localhost:1", Some(&no_ca)).contains("--directory-ca"));
-        let garbage = contract::launch::ClientTls {
+        let garbage = platform::tls::ClientTls {
             ca_pem: Some(b"not a certificate".to_vec()),
             identity: None,
         };
@@ -559,7 +559,7 @@ mod tests {
         });
         let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
             .expect("a certificate");
-        let tls = contract::launch::ClientTls {
+        let tls = platform::tls::ClientTls {
             ca_pem: Some(ca.cert.pem().into_bytes()),
             identity: None,
         };

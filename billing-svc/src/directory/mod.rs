@@ -90,7 +90,7 @@ impl GrpcDirectory {
     pub fn new(
         urls: &[String],
         timeout: Duration,
-        tls: Option<&contract::launch::ClientTls>,
+        tls: Option<&platform::tls::ClientTls>,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(!urls.is_empty(), "at least one directory URL is needed");
         let replicas = urls
@@ -187,7 +187,7 @@ impl Authorizer for GrpcDirectory {
         let bearer = format!("Bearer {token}")
             .parse::<tonic::metadata::MetadataValue<_>>()
             .map_err(|_| Error::InvalidToken)?;
-        // Values new on every call: never indexed (see `contract::rpc::per_call_value`).
+        // Values new on every call: never indexed (see `platform::rpc::per_call_value`).
         let per_call = |value: &str| {
             let mut value = value.parse::<tonic::metadata::MetadataValue<_>>().ok()?;
             value.set_sensitive(true);
@@ -228,7 +228,7 @@ impl Authorizer for GrpcDirectory {
             let code = match &outcome {
                 Err(_) => "TIMEOUT",
                 Ok(Ok(_)) => "OK",
-                Ok(Err(status)) => contract::metrics::code_name(status.code()),
+                Ok(Err(status)) => platform::metrics::code_name(status.code()),
             };
             metrics::counter!("directory_client_requests_total", "code" => code).increment(1);
             metrics::histogram!("directory_client_request_seconds")

@@ -6,7 +6,7 @@ use contract::paging::PageTokenError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}", contract::rpc::violations_message(.0))]
+    #[error("{}", platform::rpc::violations_message(.0))]
     InvalidArgument(Vec<Violation>),
     #[error("{0}")]
     InvalidPageToken(PageTokenError),
@@ -42,7 +42,7 @@ pub enum Error {
 
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
-        let unavailable = contract::db::note_failure(&err);
+        let unavailable = storage::db::note_failure(&err);
         let err = anyhow::Error::new(err).context("database");
         if unavailable {
             Error::Unavailable(err)

@@ -1,9 +1,9 @@
 //! [`CachedStore`]: subscriptions by id from memory, for a process that owns its SQLite file
-//! (see [`contract::db::Ownership`]) or holds a lease on a PostgreSQL database shared with
-//! other replicas (see [`contract::peers`]), so GetSubscription costs the directory hop and no
+//! (see [`storage::db::Ownership`]) or holds a lease on a PostgreSQL database shared with
+//! other replicas (see [`storage::peers`]), so GetSubscription costs the directory hop and no
 //! read.
 //!
-//! Correctness rests on [`contract::cache::OwnedCache`]'s protocol: a cancellation holds the
+//! Correctness rests on [`storage::cache::OwnedCache`]'s protocol: a cancellation holds the
 //! write guard until it has committed (and, on PostgreSQL, until every other replica's cache
 //! has dropped the subscription), so the next read sees it exactly as it would without the
 //! cache. A new subscription needs no invalidation (absent rows are never cached), and
@@ -12,8 +12,8 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use contract::cache::OwnedCache;
-use contract::peers::{Invalidate, Lease};
+use storage::cache::OwnedCache;
+use storage::peers::{Invalidate, Lease};
 
 use super::{BillingStore, StoreError};
 use crate::domain::model::Subscription;

@@ -3,12 +3,12 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use contract::batch::PointReads;
-use contract::db::{Engine, HeldConnection, WriteGate};
-use contract::peers::Peers;
 use sqlx::any::AnyRow;
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row as _};
+use storage::batch::PointReads;
+use storage::db::{Engine, HeldConnection, WriteGate};
+use storage::peers::Peers;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{BillingStore, StoreError};
@@ -216,7 +216,7 @@ impl BillingStore for SqlStore {
         .rows_affected()
             > 0;
         if let (true, Some(_)) = (cancelled, &self.peers) {
-            contract::peers::announce(&mut tx, SUBSCRIPTIONS, id).await?;
+            storage::peers::announce(&mut tx, SUBSCRIPTIONS, id).await?;
         }
         tx.commit().await?;
         drop(turn);
@@ -277,7 +277,7 @@ async fn group_commit(
             }
             Err(err) => {
                 for pending in batch.drain(..) {
-                    let err = contract::db::copy_error(&err);
+                    let err = storage::db::copy_error(&err);
                     let _ = pending.done.send(Err(StoreError::Backend(err)));
                 }
             }
@@ -528,7 +528,7 @@ mod tests {
     async fn sqlite_pool(name: &str) -> (AnyPool, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("billing-{name}-{}", uuid::Uuid::new_v4()));
         let url = format!("sqlite://{}/b.db", dir.display());
-        let pool = contract::db::connect(&url, &contract::db::PoolSettings::default())
+        let pool = storage::db::connect(&url, &storage::db::PoolSettings::default())
             .await
             .expect("opens");
         (pool, dir)
@@ -646,7 +646,7 @@ mod tests {
         .await
         .expect_err("one free trial per user");
         assert!(
-            contract::db::is_unique_violation(&second_trial),
+            storage::db::is_unique_violation(&second_trial),
             "{second_trial}"
         );
         insert(("s5", "office365-e3", None, "u1", 14), Some("r5"), None)

@@ -8,7 +8,7 @@ mod status;
 use std::sync::Arc;
 
 use contract::billing::v1 as pb;
-use contract::rpc::{
+use platform::rpc::{
     RequestId, TraceParent, bearer_token, caller_deadline, record_directory, reply,
 };
 use tonic::{Request, Response, Status};

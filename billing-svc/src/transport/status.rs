@@ -1,7 +1,7 @@
 //! The one mapping from [`Error`] to `tonic::Status`: code, ErrorInfo reason, BadRequest.
 
 use contract::fields::Violation;
-use contract::rpc::status;
+use platform::rpc::status;
 use tonic::{Code, Status};
 
 use crate::domain::Error;

@@ -12,8 +12,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use contract::fields::Violation;
-use contract::limits::Limiter;
 use contract::paging::PageTokens;
+use platform::limits::Limiter;
 
 pub use error::{Denied, Error, Resource, Result};
 use model::{Decision, Directory, SignedIn, User, UserPage};

@@ -1,10 +1,10 @@
 //! [`CachedStore`]: users and directories by id from memory, for a process that owns its
-//! SQLite file (see [`contract::db::Ownership`]) or that holds a lease on a PostgreSQL
-//! database shared with other replicas (see [`contract::peers`]). Every authenticated call
+//! SQLite file (see [`storage::db::Ownership`]) or that holds a lease on a PostgreSQL
+//! database shared with other replicas (see [`storage::peers`]). Every authenticated call
 //! loads its caller by id, so this takes the database off the path of Authorize, WhoAmI and
 //! GetUser.
 //!
-//! Correctness rests on [`contract::cache::OwnedCache`]'s protocol: the writes that change a
+//! Correctness rests on [`storage::cache::OwnedCache`]'s protocol: the writes that change a
 //! cached user (SetUserRoles, DeleteUser) hold a write guard until they have committed (and,
 //! on PostgreSQL, until every other replica's cache has dropped the user), so a role change or
 //! a deletion applies to the next call exactly as it did without the cache.
@@ -14,8 +14,8 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use contract::cache::OwnedCache;
-use contract::peers::{Invalidate, Lease};
+use storage::cache::OwnedCache;
+use storage::peers::{Invalidate, Lease};
 
 use super::{Actor, DirectoryStore, StoreError};
 use crate::domain::model::{Directory, User};

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use contract::batch::PointReads;
-use contract::db::{Engine, WriteGate};
-use contract::peers::Peers;
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row as _};
+use storage::batch::PointReads;
+use storage::db::{Engine, WriteGate};
+use storage::peers::Peers;
 
 use super::{Actor, DirectoryStore, StoreError};
 use crate::domain::model::{Directory, User};
@@ -66,7 +66,7 @@ impl SqlStore {
         id: &str,
     ) -> Result<(), sqlx::Error> {
         match &self.peers {
-            Some(_) => contract::peers::announce(tx, USERS, id).await,
+            Some(_) => storage::peers::announce(tx, USERS, id).await,
             None => Ok(()),
         }
     }
@@ -106,7 +106,7 @@ fn directory_from_row(row: &AnyRow) -> Result<Directory, sqlx::Error> {
 }
 
 fn on_unique(err: sqlx::Error, conflict: StoreError) -> StoreError {
-    if contract::db::is_unique_violation(&err) {
+    if storage::db::is_unique_violation(&err) {
         conflict
     } else {
         StoreError::Backend(err)

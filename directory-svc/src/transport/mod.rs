@@ -8,7 +8,7 @@ mod status;
 use std::sync::Arc;
 
 use contract::directory::v1 as pb;
-use contract::rpc::{bearer_token, record_directory, reply};
+use platform::rpc::{bearer_token, record_directory, reply};
 use tonic::{Request, Response, Status};
 
 use crate::domain::Service;

@@ -1,7 +1,7 @@
 //! The one mapping from [`Error`] to `tonic::Status`: code, ErrorInfo reason, BadRequest.
 
 use contract::fields::Violation;
-use contract::rpc::status;
+use platform::rpc::status;
 use tonic::{Code, Status};
 
 use crate::domain::{Denied, Error, Resource};
@@ -47,7 +47,7 @@ pub fn to_status(err: Error) -> Status {
         Error::SelfDemotion => (Code::FailedPrecondition, "SELF_DEMOTION", vec![]),
         Error::Overloaded => (Code::ResourceExhausted, "OVERLOADED", vec![]),
         Error::Throttled(retry) => {
-            return contract::rpc::throttled(ERROR_DOMAIN, "RATE_LIMITED", message, *retry);
+            return platform::rpc::throttled(ERROR_DOMAIN, "RATE_LIMITED", message, *retry);
         }
         Error::Unavailable(source) => {
             tracing::warn!(error = format!("{source:#}"), "database unavailable");

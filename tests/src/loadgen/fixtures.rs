@@ -10,9 +10,9 @@ use anyhow::{Context as _, bail};
 use argon2::password_hash::PasswordHasher as _;
 use argon2::{Algorithm, Argon2, Params, Version};
 use clap::Args;
-use contract::db::{Engine, PoolSettings};
 use futures::{StreamExt as _, TryStreamExt as _};
 use sqlx::{AnyPool, AssertSqlSafe};
+use storage::db::{Engine, PoolSettings};
 
 use billing_svc::domain::model::State;
 use billing_svc::domain::offers;
@@ -121,7 +121,7 @@ async fn open(url: &str, what: &str, jobs: u32) -> anyhow::Result<AnyPool> {
         acquire_timeout: Duration::from_secs(60),
         ..PoolSettings::default()
     };
-    contract::db::connect(url, &settings)
+    storage::db::connect(url, &settings)
         .await
         .with_context(|| format!("cannot open the {what} database"))
 }
@@ -143,13 +143,13 @@ struct Db {
     jobs: usize,
     /// The loader's claim on an SQLite file: a service running on it (which caches rows it
     /// believes only it writes) makes the load refuse to start.
-    _ownership: Option<contract::db::Ownership>,
+    _ownership: Option<storage::db::Ownership>,
 }
 
 impl Db {
     async fn open(url: &str, what: &str, jobs: u32) -> anyhow::Result<Self> {
         let engine = Engine::of(url)?;
-        let ownership = contract::db::Ownership::claim(url)
+        let ownership = storage::db::Ownership::claim(url)
             .with_context(|| format!("stop the {what} service before loading its database"))?;
         Ok(Self {
             _ownership: ownership,
@@ -385,7 +385,7 @@ async fn insert_directories(
                 .bind(0_i64);
         }
         query.execute(&mut *tx).await.map_err(|e| {
-            if contract::db::is_unique_violation(&e) {
+            if storage::db::is_unique_violation(&e) {
                 anyhow::anyhow!(
                     "a domain prefix {}.. is taken already: pick another --prefix",
                     batch.first().map(|d| d.prefix.as_str()).unwrap_or_default()

@@ -7,7 +7,7 @@ use tonic::Code;
 
 use super::runner::{Plan, Stats, Stop};
 
-pub use contract::metrics::code_name;
+pub use platform::metrics::code_name;
 
 /// Everything a report shows.
 pub struct Report<'a> {

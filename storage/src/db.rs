@@ -492,6 +492,16 @@ fn sqlite_url(url: &str) -> anyhow::Result<String> {
     Ok(format!("sqlite://{path}?{}", params.join("&")))
 }
 
+/// Now, in microseconds since the Unix epoch: when a secret was created (for people reading
+/// the table; nothing reads it back).
+fn created_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
+        })
+}
+
 /// The named secret kept in the `secrets` table, created (32 random bytes) by the first
 /// process that asks; every replica on the same database reads the same bytes.
 pub async fn secret(pool: &AnyPool, name: &str) -> anyhow::Result<Vec<u8>> {
@@ -504,7 +514,7 @@ pub async fn secret(pool: &AnyPool, name: &str) -> anyhow::Result<Vec<u8>> {
     )
     .bind(name)
     .bind(engine.encode(fresh))
-    .bind(crate::time::now_micros())
+    .bind(created_micros())
     .execute(pool)
     .await
     .context("cannot store the secret")?;
@@ -581,6 +591,22 @@ pub fn copy_error(err: &sqlx::Error) -> sqlx::Error {
 /// Whether `err` is a unique-constraint violation (on either engine).
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Publishes the pool's size every few seconds until the returned task is aborted.
+pub fn watch_pool(pool: sqlx::AnyPool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            let size = f64::from(pool.size());
+            let idle = pool.num_idle() as f64;
+            metrics::gauge!("db_pool_connections", "state" => "idle").set(idle);
+            metrics::gauge!("db_pool_connections", "state" => "in_use").set((size - idle).max(0.0));
+            metrics::gauge!("db_pool_max_connections")
+                .set(f64::from(pool.options().get_max_connections()));
+        }
+    })
 }
 
 #[cfg(test)]

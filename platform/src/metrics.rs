@@ -46,7 +46,7 @@ pub fn method_label(path: &str) -> &'static str {
         .into_iter()
         .filter_map(|set| prost_types::FileDescriptorSet::decode(set).ok())
         .collect();
-        for decoded in std::iter::once(crate::descriptors()).chain(&others) {
+        for decoded in std::iter::once(contract::descriptors()).chain(&others) {
             for file in &decoded.file {
                 for service in &file.service {
                     for method in &service.method {
@@ -91,22 +91,6 @@ pub fn record_rpc(method: &'static str, code: Code, elapsed: Duration) {
         .increment(1);
     metrics::histogram!("grpc_server_handling_seconds", "method" => method)
         .record(elapsed.as_secs_f64());
-}
-
-/// Publishes the pool's size every few seconds until the returned task is aborted.
-pub fn watch_pool(pool: sqlx::AnyPool) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
-        loop {
-            tick.tick().await;
-            let size = f64::from(pool.size());
-            let idle = pool.num_idle() as f64;
-            metrics::gauge!("db_pool_connections", "state" => "idle").set(idle);
-            metrics::gauge!("db_pool_connections", "state" => "in_use").set((size - idle).max(0.0));
-            metrics::gauge!("db_pool_max_connections")
-                .set(f64::from(pool.options().get_max_connections()));
-        }
-    })
 }
 
 #[cfg(test)]

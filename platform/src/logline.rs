@@ -16,7 +16,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFi
 use tracing_subscriber::registry::LookupSpan;
 
 /// tracing-subscriber's full text format, byte for byte: `2026-11-28T14:00:00.123456Z  INFO
-/// rpc{method=... latency_us=123 code="OK"}: contract::rpc: rpc finished`.
+/// rpc{method=... latency_us=123 code="OK"}: platform::rpc: rpc finished`.
 #[derive(Debug, Default)]
 pub struct PlainFull {
     full: Format<Full>,
