@@ -89,15 +89,6 @@ pub struct Deadline(pub Instant);
 /// The message of the DEADLINE_EXCEEDED a call gets when its deadline passes on the server.
 const DEADLINE_PASSED: &str = "the caller's deadline passed before the call completed";
 
-/// The message of an INVALID_ARGUMENT status: every bad field, in request order.
-pub fn violations_message(violations: &[Violation]) -> String {
-    let fields: Vec<String> = violations
-        .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect();
-    format!("invalid request: {}", fields.join("; "))
-}
-
 /// The bearer token of a request's `authorization` metadata, if it has one of the form
 /// `Bearer <token>` (scheme case-insensitive).
 pub fn bearer_token<T>(request: &tonic::Request<T>) -> Option<&str> {

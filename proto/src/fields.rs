@@ -22,6 +22,15 @@ impl Violation {
     }
 }
 
+/// The message of an INVALID_ARGUMENT status: every bad field, in request order.
+pub fn violations_message(violations: &[Violation]) -> String {
+    let fields: Vec<String> = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect();
+    format!("invalid request: {}", fields.join("; "))
+}
+
 /// Collects every violation of a request, so one answer names all bad fields.
 #[derive(Debug, Default)]
 pub struct Violations(Vec<Violation>);

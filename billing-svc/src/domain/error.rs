@@ -6,7 +6,7 @@ use contract::paging::PageTokenError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}", platform::rpc::violations_message(.0))]
+    #[error("{}", contract::fields::violations_message(.0))]
     InvalidArgument(Vec<Violation>),
     #[error("{0}")]
     InvalidPageToken(PageTokenError),
@@ -38,18 +38,6 @@ pub enum Error {
     Unavailable(#[source] anyhow::Error),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
-}
-
-impl From<sqlx::Error> for Error {
-    fn from(err: sqlx::Error) -> Self {
-        let unavailable = storage::db::note_failure(&err);
-        let err = anyhow::Error::new(err).context("database");
-        if unavailable {
-            Error::Unavailable(err)
-        } else {
-            Error::Internal(err)
-        }
-    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -6,6 +6,7 @@
 pub mod error;
 pub mod model;
 pub mod offers;
+pub mod ports;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +19,7 @@ pub use error::{Error, Result};
 use model::{State, Subscription, SubscriptionPage};
 use offers::{Offer, OwnerType};
 
-use crate::store::{BillingStore, StoreError};
+use ports::{BillingStore, StoreError};
 
 const LIST_SUBSCRIPTIONS: &str = "billing.v1.BillingService/ListSubscriptions";
 
@@ -119,7 +120,8 @@ impl std::fmt::Debug for Service {
 
 fn store_error(err: StoreError) -> Error {
     match err {
-        StoreError::Backend(e) => Error::from(e),
+        StoreError::Unavailable(e) => Error::Unavailable(e),
+        StoreError::Internal(e) => Error::Internal(e),
         StoreError::Conflict => Error::Internal(anyhow::anyhow!("unexpected unique conflict")),
     }
 }

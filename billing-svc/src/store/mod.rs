@@ -8,47 +8,19 @@ mod sql;
 pub use cached::CachedStore;
 pub use sql::SqlStore;
 
-use async_trait::async_trait;
+pub use crate::domain::ports::*;
 
-use crate::domain::model::Subscription;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// A unique index refused the row (the request_id or the free trial is taken).
-    #[error("unique constraint")]
-    Conflict,
-    #[error(transparent)]
-    Backend(#[from] sqlx::Error),
-}
-
-#[async_trait]
-pub trait BillingStore: Send + Sync + 'static {
-    /// Stores a new subscription, with its `(request_id, fingerprint)` when the caller sent one.
-    async fn insert(
-        &self,
-        subscription: &Subscription,
-        request: Option<(&str, &str)>,
-    ) -> Result<(), StoreError>;
-
-    /// The subscription `user_id` created with `request_id`, and that request's fingerprint.
-    async fn by_request(
-        &self,
-        user_id: &str,
-        request_id: &str,
-    ) -> Result<Option<(Subscription, String)>, StoreError>;
-
-    async fn get(&self, id: &str) -> Result<Option<Subscription>, StoreError>;
-
-    /// Up to `limit` subscriptions of the directory (only `owner`'s when given), oldest first,
-    /// after the `(create_time, id)` position.
-    async fn list(
-        &self,
-        directory_id: &str,
-        owner: Option<&str>,
-        after: Option<(i64, String)>,
-        limit: u32,
-    ) -> Result<Vec<Subscription>, StoreError>;
-
-    /// Marks the subscription cancelled (if active) and returns it as stored now.
-    async fn cancel(&self, id: &str, now: i64) -> Result<Option<Subscription>, StoreError>;
+/// A database failure, classified: unavailable (a lost connection, a pool that timed out:
+/// the caller may retry) or internal. Also marks the pool's idle connections for a ping when
+/// the connection was lost (`storage::db::note_failure`).
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        let unavailable = storage::db::note_failure(&err);
+        let err = anyhow::Error::new(err).context("database");
+        if unavailable {
+            StoreError::Unavailable(err)
+        } else {
+            StoreError::Internal(err)
+        }
+    }
 }

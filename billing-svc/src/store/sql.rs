@@ -141,7 +141,7 @@ impl BillingStore for SqlStore {
             request: request.map(|(id, fingerprint)| (id.to_owned(), fingerprint.to_owned())),
             done,
         };
-        let stopped = || StoreError::Backend(sqlx::Error::PoolClosed);
+        let stopped = || StoreError::from(sqlx::Error::PoolClosed);
         self.purchases.send(pending).await.map_err(|_| stopped())?;
         outcome.await.map_err(|_| stopped())?
     }
@@ -278,7 +278,7 @@ async fn group_commit(
             Err(err) => {
                 for pending in batch.drain(..) {
                     let err = storage::db::copy_error(&err);
-                    let _ = pending.done.send(Err(StoreError::Backend(err)));
+                    let _ = pending.done.send(Err(StoreError::from(err)));
                 }
             }
         }

@@ -26,7 +26,7 @@ pub enum Denied {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}", platform::rpc::violations_message(.0))]
+    #[error("{}", contract::fields::violations_message(.0))]
     InvalidArgument(Vec<Violation>),
     #[error("{0}")]
     InvalidPageToken(PageTokenError),
@@ -74,18 +74,6 @@ fn denied_message(denied: Denied) -> &'static str {
         }
         Denied::NeedsGlobalAdministrator => "requires the Global Administrator role",
         Denied::TargetHoldsRoles => "a User Administrator cannot delete a user who holds a role",
-    }
-}
-
-impl From<sqlx::Error> for Error {
-    fn from(err: sqlx::Error) -> Self {
-        let unavailable = storage::db::note_failure(&err);
-        let err = anyhow::Error::new(err).context("database");
-        if unavailable {
-            Error::Unavailable(err)
-        } else {
-            Error::Internal(err)
-        }
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod error;
 pub mod model;
 pub mod passwords;
+pub mod ports;
 pub mod tokens;
 pub mod types;
 
@@ -23,7 +24,7 @@ use types::{
     Action, ListUsersQuery, NewDirectory, NewUser, Password, Role, RoleSet, Upn, UserLookup,
 };
 
-use crate::store::{Actor, DirectoryStore, StoreError};
+use ports::{Actor, DirectoryStore, StoreError};
 
 /// The page-token list name of ListUsers.
 const LIST_USERS: &str = "directory.v1.DirectoryService/ListUsers";
@@ -78,7 +79,8 @@ impl std::fmt::Debug for Service {
 
 fn internal(err: StoreError) -> Error {
     match err {
-        StoreError::Backend(e) => Error::from(e),
+        StoreError::Unavailable(e) => Error::Unavailable(e),
+        StoreError::Internal(e) => Error::Internal(e),
         other => Error::Internal(anyhow::anyhow!("unexpected store outcome: {other}")),
     }
 }

@@ -9,106 +9,19 @@ mod sql;
 pub use cached::CachedStore;
 pub use sql::SqlStore;
 
-use async_trait::async_trait;
+pub use crate::domain::ports::*;
 
-use crate::domain::model::{Directory, User};
-use crate::domain::types::RoleSet;
-
-/// Who is writing, and the roles the domain's permission decision was based on. Every write
-/// made for a user re-reads that user inside its transaction, after locking the directory: if
-/// their roles changed (or they were deleted) since authentication, the write is refused with
-/// [`StoreError::ActorChanged`] and the domain decides again.
-#[derive(Debug, Clone)]
-pub struct Actor {
-    pub id: String,
-    pub roles: RoleSet,
-}
-
-impl Actor {
-    pub fn of(user: &User) -> Self {
-        Self {
-            id: user.id.clone(),
-            roles: user.roles,
+/// A database failure, classified: unavailable (a lost connection, a pool that timed out:
+/// the caller may retry) or internal. Also marks the pool's idle connections for a ping when
+/// the connection was lost (`storage::db::note_failure`).
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        let unavailable = storage::db::note_failure(&err);
+        let err = anyhow::Error::new(err).context("database");
+        if unavailable {
+            StoreError::Unavailable(err)
+        } else {
+            StoreError::Internal(err)
         }
     }
-}
-
-/// Outcomes a store call reports besides success.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("domain prefix already taken")]
-    DomainTaken,
-    #[error("user principal name already taken")]
-    UpnTaken,
-    #[error("no such user in the directory")]
-    UserNotFound,
-    #[error("the user holds roles")]
-    HasRoles,
-    #[error("no Global Administrator would remain")]
-    LastGlobalAdministrator,
-    /// The acting user's roles are not those the decision was based on (`Some`: as stored
-    /// now), or the acting user no longer exists (`None`).
-    #[error("the acting user changed")]
-    ActorChanged(Option<RoleSet>),
-    #[error(transparent)]
-    Backend(#[from] sqlx::Error),
-}
-
-#[async_trait]
-pub trait DirectoryStore: Send + Sync + 'static {
-    /// Creates the directory and its first user together.
-    async fn create_directory(
-        &self,
-        directory: &Directory,
-        admin: &User,
-        password_hash: &str,
-    ) -> Result<(), StoreError>;
-
-    async fn directory(&self, id: &str) -> Result<Option<Directory>, StoreError>;
-
-    async fn user(&self, id: &str) -> Result<Option<User>, StoreError>;
-
-    /// The user with this lower-cased UPN.
-    async fn user_by_upn(&self, upn_key: &str) -> Result<Option<User>, StoreError>;
-
-    /// The user with this lower-cased UPN and their password hash.
-    async fn credentials(&self, upn_key: &str) -> Result<Option<(User, String)>, StoreError>;
-
-    /// Creates a user on behalf of `actor`.
-    async fn insert_user(
-        &self,
-        user: &User,
-        password_hash: &str,
-        actor: &Actor,
-    ) -> Result<(), StoreError>;
-
-    /// Up to `limit` users of the directory ordered by lower-cased UPN, after `after_key`
-    /// (empty: from the start), holding a role of `role_mask` (0: any user).
-    async fn list_users(
-        &self,
-        directory_id: &str,
-        role_mask: i64,
-        after_key: &str,
-        limit: u32,
-    ) -> Result<Vec<User>, StoreError>;
-
-    /// Replaces the user's roles on behalf of `actor`, unless no Global Administrator would
-    /// remain.
-    async fn set_roles(
-        &self,
-        directory_id: &str,
-        user_id: &str,
-        roles: RoleSet,
-        actor: &Actor,
-    ) -> Result<User, StoreError>;
-
-    /// Deletes the user on behalf of `actor`, unless no Global Administrator would remain, or
-    /// `only_without_roles` and the user holds a role.
-    async fn delete_user(
-        &self,
-        directory_id: &str,
-        user_id: &str,
-        only_without_roles: bool,
-        actor: &Actor,
-    ) -> Result<(), StoreError>;
 }

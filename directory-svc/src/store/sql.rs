@@ -109,7 +109,7 @@ fn on_unique(err: sqlx::Error, conflict: StoreError) -> StoreError {
     if storage::db::is_unique_violation(&err) {
         conflict
     } else {
-        StoreError::Backend(err)
+        StoreError::from(err)
     }
 }
 
