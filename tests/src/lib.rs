@@ -16,6 +16,7 @@ pub use platform;
 pub use storage;
 
 pub mod process;
+pub mod raw;
 
 /// The database engine a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
