@@ -48,23 +48,8 @@ impl std::fmt::Debug for Passwords {
     }
 }
 
-/// argon2 allocates its whole memory cost (19 MiB by default) for each hash. glibc serves such
-/// blocks with mmap at first, but after the first free raises its mmap threshold and then
-/// keeps them in per-thread arenas, so the RSS would grow by 19 MiB for every blocking thread
-/// that ever hashed. A fixed threshold keeps large blocks mmapped, so they go back to the OS
-/// as soon as a hash is done.
-fn return_large_blocks_to_the_os() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; glibc makes it safe to call at any
-    // time from any thread.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
-}
-
 impl Passwords {
     pub fn new(cost: Argon2Cost) -> anyhow::Result<Self> {
-        return_large_blocks_to_the_os();
         let params = Params::new(cost.memory_kib, cost.iterations, cost.parallelism, None)
             .map_err(|e| anyhow::anyhow!("invalid argon2 cost: {e}"))?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
