@@ -75,7 +75,12 @@ impl Application {
         if let Some(peers) = &peers {
             peers.start(caches);
         }
-        let service = Service::new(store, Arc::new(directory), PageTokens::new(&page_key));
+        let service = Service::new(
+            store,
+            Arc::new(directory),
+            PageTokens::new(&page_key),
+            config.clock.clone(),
+        );
         Ok(Self {
             listener,
             local_addr,

@@ -134,6 +134,8 @@ pub struct Config {
     pub max_in_flight: usize,
     /// In-memory entries by id (SQLite only; 0: none).
     pub cache_entries: usize,
+    /// What the rules read the time from: the system's clock, or a test's manual one.
+    pub clock: std::sync::Arc<dyn platform::clock::Clock>,
 }
 
 impl Config {
@@ -154,6 +156,7 @@ impl Config {
             directory_tls: None,
             max_in_flight: 1024,
             cache_entries: storage::cache::DEFAULT_ENTRIES,
+            clock: platform::clock::system(),
         }
     }
 }
@@ -232,6 +235,7 @@ impl TryFrom<&Cli> for Config {
             directory_tls,
             max_in_flight: cli.max_in_flight as usize,
             cache_entries: usize::try_from(cli.cache_entries)?,
+            clock: platform::clock::system(),
         })
     }
 }

@@ -78,6 +78,7 @@ impl Application {
             Tokens::new(&token_key, config.token_ttl),
             PageTokens::new(&page_key),
             config.limits,
+            config.clock.clone(),
         );
         Ok(Self {
             listener,

@@ -146,6 +146,8 @@ pub struct Config {
     pub max_in_flight: usize,
     /// In-memory entries by id (SQLite only; 0: none).
     pub cache_entries: usize,
+    /// What the rules read the time from: the system's clock, or a test's manual one.
+    pub clock: std::sync::Arc<dyn platform::clock::Clock>,
     pub limits: AbuseLimits,
 }
 
@@ -162,6 +164,7 @@ impl Config {
             tls: None,
             max_in_flight: 1024,
             cache_entries: storage::cache::DEFAULT_ENTRIES,
+            clock: platform::clock::system(),
             limits: AbuseLimits::default(),
         }
     }
@@ -200,6 +203,7 @@ impl TryFrom<&Cli> for Config {
             )?,
             max_in_flight: cli.max_in_flight as usize,
             cache_entries: usize::try_from(cli.cache_entries)?,
+            clock: platform::clock::system(),
             limits: AbuseLimits {
                 signin_failures_per_upn_per_minute: cli.signin_failures_per_upn_per_minute,
                 signin_per_peer_per_minute: cli.signin_per_peer_per_minute,

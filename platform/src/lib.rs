@@ -5,6 +5,7 @@
 //!
 //! It knows the wire contract ([`contract`]) but no database and no service's rules.
 
+pub mod clock;
 pub mod launch;
 pub mod limits;
 pub mod logline;

@@ -2,9 +2,11 @@
 //! status code of the contract's directory table and calling conventions.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use integration_tests::contract::directory::v1 as pb;
+use integration_tests::platform::clock::ManualClock;
 use integration_tests::*;
 use pb::Role;
 use tonic::Code;
@@ -256,7 +258,9 @@ async fn unknown_user_and_wrong_password_are_indistinguishable(backend: Backend)
 async fn calls_without_a_valid_token_are_unauthenticated(backend: Backend) {
     let db = db_or_skip!(backend);
     let mut config = directory_config(&db);
-    config.token_ttl = Duration::from_secs(1);
+    config.token_ttl = Duration::from_secs(60);
+    let clock = ManualClock::at(1_800_000_000_000_000); // a whole second: expiry is to the second
+    config.clock = Arc::new(clock.clone());
     let server = DirectoryServer::start_with(config).await;
     let mut client = server.client().await;
     let tenant = sign_up(&mut client, "contoso").await;
@@ -299,14 +303,15 @@ async fn calls_without_a_valid_token_are_unauthenticated(backend: Backend) {
         "MISSING_TOKEN",
     );
 
-    // Expired: the token lived one second.
+    // Expired: valid until its 60 s are up, to the second, and not after (the manual clock).
+    clock.advance(Duration::from_secs(59));
     assert!(
         client
             .who_am_i(authed(pb::WhoAmIRequest {}, &tenant.token))
             .await
             .is_ok()
     );
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    clock.advance(Duration::from_secs(1));
     expect_err(
         client
             .who_am_i(authed(pb::WhoAmIRequest {}, &tenant.token))

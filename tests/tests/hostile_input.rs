@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use integration_tests::contract::billing::v1 as bpb;
 use integration_tests::contract::directory::v1 as dpb;
+use integration_tests::platform::clock::ManualClock;
 use integration_tests::*;
 use prost::Message as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -1798,7 +1799,9 @@ async fn every_invalid_token_is_unauthenticated_with_one_generic_answer(backend:
         return;
     };
     let mut config = directory_config(&short_db);
-    config.token_ttl = Duration::from_secs(1);
+    config.token_ttl = Duration::from_secs(60);
+    let clock = ManualClock::at(1_800_000_000_000_000); // a whole second: expiry is to the second
+    config.clock = std::sync::Arc::new(clock.clone());
     let short = DirectoryServer::start_with(config).await;
     let short_billing = BillingServer::start(&short_bdb, &short).await;
     let mut short_dir = short.client().await;
@@ -1931,8 +1934,7 @@ async fn every_invalid_token_is_unauthenticated_with_one_generic_answer(backend:
             );
         }
     }
-    // The expired token, once it has expired (signed up only now: its second of life must not
-    // go by while the cases above run).
+    // The expired token, once its 60 s are up on the directory's manual clock.
     let expiring = sign_up(&mut short_dir, "contoso").await;
     short_dir
         .who_am_i(authed(dpb::WhoAmIRequest {}, &expiring.token))
@@ -1945,7 +1947,7 @@ async fn every_invalid_token_is_unauthenticated_with_one_generic_answer(backend:
         ))
         .await
         .expect("billing accepts it before it expires");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    clock.advance(Duration::from_secs(60));
     let status = short_dir
         .who_am_i(authed(dpb::WhoAmIRequest {}, &expiring.token))
         .await

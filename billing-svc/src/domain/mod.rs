@@ -14,6 +14,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use contract::fields::Violation;
 use contract::paging::PageTokens;
+use platform::clock::Clock;
 
 pub use error::{Error, Result};
 use model::{State, Subscription, SubscriptionPage};
@@ -110,6 +111,7 @@ pub struct Service {
     store: Arc<dyn BillingStore>,
     directory: Arc<dyn Authorizer>,
     pages: PageTokens,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Service {
@@ -131,11 +133,13 @@ impl Service {
         store: Arc<dyn BillingStore>,
         directory: Arc<dyn Authorizer>,
         pages: PageTokens,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             store,
             directory,
             pages,
+            clock,
         }
     }
 
@@ -205,7 +209,7 @@ impl Service {
             seats: new.seats,
             state: State::Active,
             created_by_user_id: caller.user_id.clone(),
-            create_time: contract::time::now_micros(),
+            create_time: self.clock.now_micros(),
             cancel_time: None,
         };
         let request = request_id.as_deref().map(|r| (r, fingerprint.as_str()));
@@ -328,7 +332,7 @@ impl Service {
         // sure every replica's cache has seen the cancellation (it may have been committed by
         // a call that has not answered yet).
         self.store
-            .cancel(&subscription.id, contract::time::now_micros())
+            .cancel(&subscription.id, self.clock.now_micros())
             .await
             .map_err(store_error)?
             .ok_or(Error::NotFound)

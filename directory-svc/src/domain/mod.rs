@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use contract::fields::Violation;
 use contract::paging::PageTokens;
+use platform::clock::Clock;
 use platform::limits::Limiter;
 
 pub use error::{Denied, Error, Resource, Result};
@@ -69,6 +70,7 @@ pub struct Service {
     tokens: Tokens,
     pages: PageTokens,
     throttles: Throttles,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Service {
@@ -105,12 +107,14 @@ impl Service {
         tokens: Tokens,
         pages: PageTokens,
         limits: AbuseLimits,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             store,
             passwords,
             tokens,
             pages,
+            clock,
             throttles: Throttles {
                 failed_signins: Limiter::per_minute(limits.signin_failures_per_upn_per_minute),
                 signin_peers: Limiter::per_minute(limits.signin_per_peer_per_minute),
@@ -131,7 +135,7 @@ impl Service {
                 .take(&peer.to_string())
                 .map_err(Error::Throttled)?;
         }
-        let now = contract::time::now_micros();
+        let now = self.clock.now_micros();
         let directory = Directory {
             id: new_id(),
             display_name: new.display_name,
@@ -204,7 +208,7 @@ impl Service {
         };
         let (access_token, exp) = self
             .tokens
-            .issue(&subject, contract::time::now_micros())
+            .issue(&subject, self.clock.now_micros())
             .map_err(Error::Internal)?;
         Ok(SignedIn {
             access_token,
@@ -216,7 +220,10 @@ impl Service {
     /// The user a bearer token names, as stored now. A deleted user's token fails here.
     pub async fn authenticate(&self, bearer: Option<&str>) -> Result<User> {
         let token = bearer.ok_or(Error::MissingToken)?;
-        let subject = self.tokens.verify(token).ok_or(Error::InvalidToken)?;
+        let subject = self
+            .tokens
+            .verify(token, self.clock.now_micros())
+            .ok_or(Error::InvalidToken)?;
         match self.store.user(&subject.user_id).await.map_err(internal)? {
             Some(user) if user.directory_id == subject.directory_id => Ok(user),
             _ => Err(Error::InvalidToken),
@@ -274,7 +281,7 @@ impl Service {
             upn: new.upn.as_str().to_owned(),
             display_name: new.display_name.clone(),
             roles: new.roles,
-            create_time: contract::time::now_micros(),
+            create_time: self.clock.now_micros(),
         };
         let hash = self.passwords.hash(new.password.clone()).await?;
         let mut actor = Actor::of(caller);
