@@ -21,7 +21,7 @@ use tonic::Code;
 
 use channel::{H2Channel, Target};
 
-use crate::domain::{Authorizer, CallContext, Caller, Check, Error, Result};
+use crate::domain::{Authorizer, Caller, Check, Error, Result};
 
 /// Time kept back from the caller's deadline so that our answer, when the directory fails,
 /// reaches the caller before its deadline: a twentieth of what is left, at most 20 ms. A
@@ -53,6 +53,28 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(25);
 const MAX_BACKOFF: Duration = Duration::from_millis(400);
 /// How long a replica that failed is passed over while others are up.
 const MARK_DOWN: Duration = Duration::from_secs(2);
+
+/// What the call being served carries besides its message, for the directory call it makes:
+/// the caller's deadline, the request id and the trace. The transport sets it around the
+/// domain's call ([`CallContext::scope`]); the domain never sees it.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    pub deadline: Option<Instant>,
+    pub request_id: Option<String>,
+    /// The W3C `traceparent` to send on, naming this hop as the parent.
+    pub traceparent: Option<String>,
+}
+
+tokio::task_local! {
+    static CALL: CallContext;
+}
+
+impl CallContext {
+    /// Runs `work` with this context visible to the directory client.
+    pub async fn scope<F: std::future::Future>(self, work: F) -> F::Output {
+        CALL.scope(self, work).await
+    }
+}
 
 /// One directory replica.
 #[derive(Debug)]
@@ -152,10 +174,10 @@ impl GrpcDirectory {
 
     /// The smaller of the caller's remaining deadline (less [`answer_margin`]) and the
     /// configured directory timeout.
-    fn budget(&self, call: &CallContext) -> Budget {
+    fn budget(&self, caller_deadline: Option<Instant>) -> Budget {
         let now = Instant::now();
         let ours = now + self.timeout;
-        match call.deadline {
+        match caller_deadline {
             Some(theirs) => {
                 let left = theirs.saturating_duration_since(now);
                 let theirs = now + (left - answer_margin(left));
@@ -181,20 +203,28 @@ fn action(check: Check) -> dpb::Action {
 
 #[async_trait]
 impl Authorizer for GrpcDirectory {
-    async fn authorize(&self, token: &str, call: &CallContext, check: Check) -> Result<Caller> {
-        let budget = self.budget(call);
-        let deadline = budget.until;
-        let bearer = format!("Bearer {token}")
-            .parse::<tonic::metadata::MetadataValue<_>>()
-            .map_err(|_| Error::InvalidToken)?;
+    async fn authorize(&self, token: &str, check: Check) -> Result<Caller> {
         // Values new on every call: never indexed (see `platform::rpc::per_call_value`).
         let per_call = |value: &str| {
             let mut value = value.parse::<tonic::metadata::MetadataValue<_>>().ok()?;
             value.set_sensitive(true);
             Some(value)
         };
-        let request_id = call.request_id.as_deref().and_then(per_call);
-        let traceparent = call.traceparent.as_deref().and_then(per_call);
+        // What the call being served carries (see `CallContext`), read without copying it.
+        let (caller_deadline, request_id, traceparent) = CALL
+            .try_with(|call| {
+                (
+                    call.deadline,
+                    call.request_id.as_deref().and_then(per_call),
+                    call.traceparent.as_deref().and_then(per_call),
+                )
+            })
+            .unwrap_or_default();
+        let budget = self.budget(caller_deadline);
+        let deadline = budget.until;
+        let bearer = format!("Bearer {token}")
+            .parse::<tonic::metadata::MetadataValue<_>>()
+            .map_err(|_| Error::InvalidToken)?;
         let mut backoff = FIRST_BACKOFF;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());

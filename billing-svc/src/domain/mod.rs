@@ -9,7 +9,6 @@ pub mod offers;
 pub mod ports;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
 use contract::fields::Violation;
@@ -23,17 +22,6 @@ use offers::{Offer, OwnerType};
 use ports::{BillingStore, StoreError};
 
 const LIST_SUBSCRIPTIONS: &str = "billing.v1.BillingService/ListSubscriptions";
-
-/// What a call carries besides its message: the end user's token (forwarded to the
-/// directory), the caller's deadline and the request id.
-#[derive(Debug, Clone, Default)]
-pub struct CallContext {
-    pub token: Option<String>,
-    pub deadline: Option<Instant>,
-    pub request_id: Option<String>,
-    /// The W3C `traceparent` to send on, naming this hop as the parent.
-    pub traceparent: Option<String>,
-}
 
 /// What billing asks the directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +48,9 @@ pub trait Authorizer: Send + Sync + 'static {
     /// Fails with [`Error::InvalidToken`] when the directory refuses the token, with
     /// [`Error::DeadlineExceeded`] when the caller's deadline runs out first, and with
     /// [`Error::DirectoryUnavailable`] when the directory fails within the time allowed.
-    async fn authorize(&self, token: &str, call: &CallContext, check: Check) -> Result<Caller>;
+    /// The call's deadline, request id and trace travel beside it (the client reads them from
+    /// the call it serves), not through the domain.
+    async fn authorize(&self, token: &str, check: Check) -> Result<Caller>;
 }
 
 /// A validated CreateSubscription request.
@@ -149,9 +139,9 @@ impl Service {
 
     /// Who is calling, as the directory says, and whether `check` passed. The first step of
     /// every authenticated call: a bad token fails here, before the request is even validated.
-    pub async fn caller(&self, call: &CallContext, check: Check) -> Result<Caller> {
-        let token = call.token.as_deref().ok_or(Error::MissingToken)?;
-        self.directory.authorize(token, call, check).await
+    pub async fn caller(&self, token: Option<&str>, check: Check) -> Result<Caller> {
+        let token = token.ok_or(Error::MissingToken)?;
+        self.directory.authorize(token, check).await
     }
 
     /// The subscription with this id in the caller's directory; any other answers as missing.

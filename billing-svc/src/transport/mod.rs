@@ -13,7 +13,8 @@ use platform::rpc::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::domain::{CallContext, Caller, Check, Service};
+use crate::directory::CallContext;
+use crate::domain::{Caller, Check, Service};
 pub use status::{ERROR_DOMAIN, to_status};
 
 /// `billing.v1.BillingService` over the domain [`Service`].
@@ -33,7 +34,6 @@ impl BillingApi {
     /// caller's deadline and the request id) and learns whether `check` passed.
     async fn caller<T>(&self, request: &Request<T>, check: Check) -> Result<Caller, Status> {
         let call = CallContext {
-            token: bearer_token(request).map(str::to_owned),
             deadline: caller_deadline(request),
             request_id: request
                 .extensions()
@@ -44,7 +44,10 @@ impl BillingApi {
                 .get::<TraceParent>()
                 .map(TraceParent::header),
         };
-        let caller = self.service.caller(&call, check).await.map_err(to_status)?;
+        let caller = call
+            .scope(self.service.caller(bearer_token(request), check))
+            .await
+            .map_err(to_status)?;
         record_directory(&caller.directory_id);
         Ok(caller)
     }
