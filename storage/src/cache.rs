@@ -23,11 +23,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-
-use crate::peers::{Invalidate, Lease};
 
 /// Entries kept by default.
 pub const DEFAULT_ENTRIES: usize = 50_000;
@@ -191,6 +190,46 @@ impl<V: Clone> Drop for WriteGuard<'_, V> {
     fn drop(&mut self) {
         self.cache.invalidate(&self.key);
         self.cache.writing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Something holding copies of rows that a peer's write can make stale.
+pub trait Invalidate: Send + Sync {
+    /// Drops the row `key` and refuses fills read before now.
+    fn invalidate(&self, key: &str);
+    /// Drops every row and refuses fills read before now.
+    fn clear(&self);
+}
+
+/// Whether this process may answer from its cache now: on PostgreSQL, while its lease in the
+/// peer protocol ([`crate::peers`]) is valid, which that protocol extends and revokes.
+#[derive(Debug)]
+pub struct Lease {
+    base: Instant,
+    /// Nanoseconds after `base` until which the lease is valid (0: not valid).
+    valid_until: AtomicU64,
+}
+
+impl Lease {
+    pub(crate) fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            valid_until: AtomicU64::new(0),
+        }
+    }
+
+    pub fn is_valid(&self) -> bool {
+        let now = self.base.elapsed().as_nanos() as u64;
+        now < self.valid_until.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn extend_to(&self, until: Instant) {
+        let nanos = until.saturating_duration_since(self.base).as_nanos() as u64;
+        self.valid_until.store(nanos, Ordering::Release);
+    }
+
+    pub(crate) fn revoke(&self) {
+        self.valid_until.store(0, Ordering::Release);
     }
 }
 

@@ -44,13 +44,14 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use sqlx::AnyPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
+
+use crate::cache::{Invalidate, Lease};
 
 /// How long a registration or renewal holds, by the database's clock.
 pub const LEASE: Duration = Duration::from_secs(3);
@@ -89,45 +90,6 @@ pub async fn announce(
         .execute(conn)
         .await?;
     Ok(())
-}
-
-/// Something holding copies of rows that a peer's write can make stale.
-pub trait Invalidate: Send + Sync {
-    /// Drops the row `key` and refuses fills read before now.
-    fn invalidate(&self, key: &str);
-    /// Drops every row and refuses fills read before now.
-    fn clear(&self);
-}
-
-/// Whether this process may answer from its cache now (its lease is valid).
-#[derive(Debug)]
-pub struct Lease {
-    base: Instant,
-    /// Nanoseconds after `base` until which the lease is valid (0: not valid).
-    valid_until: AtomicU64,
-}
-
-impl Lease {
-    fn new() -> Self {
-        Self {
-            base: Instant::now(),
-            valid_until: AtomicU64::new(0),
-        }
-    }
-
-    pub fn is_valid(&self) -> bool {
-        let now = self.base.elapsed().as_nanos() as u64;
-        now < self.valid_until.load(Ordering::Acquire)
-    }
-
-    fn extend_to(&self, until: Instant) {
-        let nanos = until.saturating_duration_since(self.base).as_nanos() as u64;
-        self.valid_until.store(nanos, Ordering::Release);
-    }
-
-    fn revoke(&self) {
-        self.valid_until.store(0, Ordering::Release);
-    }
 }
 
 /// This process's part in the protocol: acknowledgements for its writers, and (when it keeps

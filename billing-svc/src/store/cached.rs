@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use storage::cache::OwnedCache;
-use storage::peers::{Invalidate, Lease};
+use storage::cache::{Invalidate, Lease};
 
 use super::{BillingStore, StoreError};
 use crate::domain::model::Subscription;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use storage::cache::OwnedCache;
-use storage::peers::{Invalidate, Lease};
+use storage::cache::{Invalidate, Lease};
 
 use super::{Actor, DirectoryStore, StoreError};
 use crate::domain::model::{Directory, User};
