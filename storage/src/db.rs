@@ -552,6 +552,26 @@ fn needs_ping(idle_for: Duration) -> bool {
     lost != 0 && lost + 1 >= idle_since
 }
 
+/// A failed statement as a service reports it: the database out of reach right now (the
+/// caller may retry) or a failure a retry will not mend, with the error as its source.
+#[derive(Debug)]
+pub enum Failure {
+    Unavailable(anyhow::Error),
+    Internal(anyhow::Error),
+}
+
+/// Classifies `err` for a service's store (through [`note_failure`], so a lost connection
+/// also marks the pool's idle connections for a ping).
+pub fn classify(err: sqlx::Error) -> Failure {
+    let unavailable = note_failure(&err);
+    let err = anyhow::Error::new(err).context("database");
+    if unavailable {
+        Failure::Unavailable(err)
+    } else {
+        Failure::Internal(err)
+    }
+}
+
 /// Classifies a failed statement for the caller: `true` when the database is unavailable
 /// right now (the caller may retry; see [`is_unavailable`]). Such a failure also marks every
 /// connection idle in the pool as suspect, so each is pinged before its next use.

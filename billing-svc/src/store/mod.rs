@@ -10,17 +10,12 @@ pub use sql::SqlStore;
 
 pub use crate::domain::ports::*;
 
-/// A database failure, classified: unavailable (a lost connection, a pool that timed out:
-/// the caller may retry) or internal. Also marks the pool's idle connections for a ping when
-/// the connection was lost (`storage::db::note_failure`).
+/// A database failure, classified by `storage::db::classify`.
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
-        let unavailable = storage::db::note_failure(&err);
-        let err = anyhow::Error::new(err).context("database");
-        if unavailable {
-            StoreError::Unavailable(err)
-        } else {
-            StoreError::Internal(err)
+        match storage::db::classify(err) {
+            storage::db::Failure::Unavailable(err) => StoreError::Unavailable(err),
+            storage::db::Failure::Internal(err) => StoreError::Internal(err),
         }
     }
 }

@@ -14,8 +14,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use storage::cache::OwnedCache;
-use storage::cache::{Invalidate, Lease};
+use storage::cache::{Invalidate, Lease, OwnedCache};
 
 use super::{Actor, DirectoryStore, StoreError};
 use crate::domain::model::{Directory, User};
