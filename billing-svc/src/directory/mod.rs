@@ -1,14 +1,13 @@
-//! The client side of `directory.v1.DirectoryService.Authorize`: shared channels to each
-//! directory replica (one HTTP/2 connection per CPU, lazily connected, reconnecting by
-//! itself; see [`channel`]), round-robin over the replicas that are not marked down, a
-//! deadline on every call (the smaller of the caller's remaining deadline and the configured
-//! directory timeout; running out of the caller's is its DEADLINE_EXCEEDED), and retries of calls that got no answer (UNAVAILABLE, or UNKNOWN: the
-//! connection broke with the call on it), which is safe because Authorize changes nothing;
-//! with another replica up, any failure that is not an answer about the token or the request
-//! goes to it. A replica that fails is marked down for a moment, so calls go to the others at
-//! once instead of waiting on it.
-
-pub mod channel;
+//! The client side of `directory.v1.DirectoryService.Authorize`: tonic's generated client
+//! over tonic's `Channel`s to each directory replica (one HTTP/2 connection per CPU, lazily
+//! connected, reconnecting by itself; see [`platform::client`]), round-robin over the
+//! replicas that are not marked down, a deadline on every call (the smaller of the caller's
+//! remaining deadline and the configured directory timeout; running out of the caller's is
+//! its DEADLINE_EXCEEDED), and retries of calls that got no answer (a status tonic made from
+//! a transport error, or UNAVAILABLE), which is safe because Authorize changes nothing; with
+//! another replica up, any failure that is not an answer about the token or the request goes
+//! to it. A replica that fails is marked down for a moment, so calls go to the others at once
+//! instead of waiting on it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,8 +17,7 @@ use async_trait::async_trait;
 use contract::directory::v1 as dpb;
 use contract::directory::v1::directory_service_client::DirectoryServiceClient;
 use tonic::Code;
-
-use channel::{H2Channel, Target};
+use tonic::transport::Channel;
 
 use crate::domain::{Authorizer, Caller, Check, Error, Result};
 
@@ -83,7 +81,7 @@ struct Replica {
     /// One HTTP/2 connection per CPU: a single connection's frames are all handled by one
     /// task under one lock, which becomes the bottleneck when every billing call makes one
     /// (docs/decisions/directory-connections-per-cpu.md).
-    clients: Box<[DirectoryServiceClient<H2Channel>]>,
+    clients: Box<[DirectoryServiceClient<Channel>]>,
     next_client: AtomicUsize,
     /// Until when (milliseconds since `GrpcDirectory::epoch`) this replica is passed over.
     down_until_ms: AtomicU64,
@@ -91,7 +89,7 @@ struct Replica {
 
 impl Replica {
     /// The next of this replica's connections in turn.
-    fn client(&self) -> DirectoryServiceClient<H2Channel> {
+    fn client(&self) -> DirectoryServiceClient<Channel> {
         let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
         self.clients[i].clone()
     }
@@ -118,18 +116,15 @@ impl GrpcDirectory {
         let replicas = urls
             .iter()
             .map(|url| {
-                let target = Target::parse(url, tls)?;
+                let endpoint = platform::client::endpoint(url, timeout, tls)
+                    .map_err(|e| anyhow::anyhow!("--directory-url: {e:#}"))?;
                 let connections =
                     std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
                 Ok(Replica {
                     url: url.clone(),
-                    clients: (0..connections)
-                        .map(|_| {
-                            DirectoryServiceClient::with_origin(
-                                H2Channel::lazy(&target, timeout),
-                                target.origin(),
-                            )
-                        })
+                    clients: platform::client::lazy_channels(&endpoint, connections)
+                        .into_iter()
+                        .map(DirectoryServiceClient::new)
                         .collect(),
                     next_client: AtomicUsize::new(0),
                     down_until_ms: AtomicU64::new(0),
@@ -287,19 +282,25 @@ impl Authorizer for GrpcDirectory {
                 }
                 Ok(Err(status)) => status,
             };
+            // A status tonic made itself carries the transport's error as its source: the
+            // call got no answer (refused, reset, the connection broke under it or was ended
+            // by one of h2's guards), whatever code tonic gave it. Authorize changes nothing,
+            // so such a call may always be made again.
+            let unanswered = std::error::Error::source(&status).is_some();
             match status.code() {
-                Code::Unauthenticated => return Err(Error::InvalidToken),
-                // No answer from this replica: refused, reset, or our call was on a connection
-                // that broke under it (a replica killed or restarted after we wrote the call
-                // but before it answered: tonic reports that as UNKNOWN "transport error", and
-                // an HTTP/2 reset as INTERNAL), or it is failing. Authorize changes nothing, so
-                // another replica may always take the call.
-                Code::Unavailable
-                | Code::Unknown
-                | Code::Internal
-                | Code::DeadlineExceeded
-                | Code::Cancelled
-                    if self.another_is_up(replica) =>
+                Code::Unauthenticated if !unanswered => return Err(Error::InvalidToken),
+                // No answer from this replica, or it is failing: another replica takes the
+                // call.
+                code if (unanswered
+                    || matches!(
+                        code,
+                        Code::Unavailable
+                            | Code::Unknown
+                            | Code::Internal
+                            | Code::DeadlineExceeded
+                            | Code::Cancelled
+                    ))
+                    && self.another_is_up(replica) =>
                 {
                     tracing::debug!(
                         replica = %replica.url,
@@ -310,13 +311,23 @@ impl Authorizer for GrpcDirectory {
                     self.mark_down(replica);
                 }
                 // The directory gave up at the deadline we passed on: the caller's, or ours.
-                Code::DeadlineExceeded | Code::Cancelled => {
+                Code::DeadlineExceeded | Code::Cancelled if !unanswered => {
                     tracing::debug!(replica = %replica.url, "directory call ran out of time");
                     return Err(budget.spent());
                 }
-                // Alone: down, or the connection broke mid-call (it reconnects by itself).
-                Code::Unavailable | Code::Unknown if Instant::now() + backoff < deadline => {
+                // Alone: down, or the connection broke mid-call (it reconnects by itself). Try
+                // again after a pause while the budget allows; once it does not, the time ran
+                // out (the caller's, or ours).
+                code if unanswered || matches!(code, Code::Unavailable | Code::Unknown) => {
                     self.mark_down(replica);
+                    if Instant::now() + backoff >= deadline {
+                        tracing::debug!(
+                            code = ?status.code(),
+                            message = status.message(),
+                            "directory unavailable until the deadline"
+                        );
+                        return Err(budget.spent());
+                    }
                     tracing::debug!(
                         backoff_ms = backoff.as_millis() as u64,
                         code = ?status.code(),
@@ -332,7 +343,9 @@ impl Authorizer for GrpcDirectory {
                 | Code::NotFound
                 | Code::AlreadyExists
                 | Code::OutOfRange
-                | Code::Unimplemented) => {
+                | Code::Unimplemented)
+                    if !unanswered =>
+                {
                     return Err(Error::Internal(anyhow::anyhow!(
                         "directory answered Authorize with {code:?}: {}",
                         status.message()

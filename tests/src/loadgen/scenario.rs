@@ -5,7 +5,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use billing_svc::directory::channel::{H2Channel, Target};
 use clap::ValueEnum;
 use contract::billing::v1 as bpb;
 use contract::billing::v1::billing_service_client::BillingServiceClient;
@@ -144,18 +143,14 @@ pub async fn connect(url: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot connect to {url}"))
 }
 
-/// The clients of one HTTP/2 connection, the one the load goes over.
-///
-/// The connection is billing's own channel to the directory (`H2Channel`: the calling task
-/// sends the call on the connection itself), not tonic's `Channel`, which hands every call to
-/// a buffer task and has hyper spawn a task to send each request body. On a two-core machine
-/// the load generator shares the cores with what it measures, so those two task wake-ups per
-/// call were paid by the services too (docs/decisions/directory-h2-channel.md).
+/// The clients of one HTTP/2 connection, the one the load goes over: tonic's `Channel`, with
+/// the settings billing uses towards the directory ([`platform::client`]), as our users'
+/// harnesses call us.
 #[derive(Clone)]
 pub struct Conn {
-    health: HealthClient<H2Channel>,
-    directory: DirectoryServiceClient<H2Channel>,
-    billing: BillingServiceClient<H2Channel>,
+    health: HealthClient<Channel>,
+    directory: DirectoryServiceClient<Channel>,
+    billing: BillingServiceClient<Channel>,
 }
 
 impl Conn {
@@ -164,13 +159,12 @@ impl Conn {
         if !url.starts_with("http://") {
             bail!("{url}: the load generator speaks plaintext HTTP/2 only (http://)");
         }
-        let target = Target::parse(url, None)?;
-        let channel = H2Channel::lazy(&target, Duration::from_secs(5));
-        let origin = target.origin();
+        let endpoint = platform::client::endpoint(url, Duration::from_secs(5), None)?;
+        let channel = platform::client::lazy_channel(&endpoint);
         Ok(Self {
-            health: HealthClient::with_origin(channel.clone(), origin.clone()),
-            directory: DirectoryServiceClient::with_origin(channel.clone(), origin.clone()),
-            billing: BillingServiceClient::with_origin(channel, origin),
+            health: HealthClient::new(channel.clone()),
+            directory: DirectoryServiceClient::new(channel.clone()),
+            billing: BillingServiceClient::new(channel),
         })
     }
 }
