@@ -37,12 +37,17 @@
 //! decides when a row has expired, for renewals and for forgetting the rows of replicas gone,
 //! and must not step forward by more than `FORGET_AFTER - LEASE` (27 s).
 //!
+//! The rules (what each notification means, what a holder does with it, how long a lease
+//! lasts, when a writer stops waiting) are [`protocol`], a state machine with no I/O, tested
+//! on instants of its tests' choosing; this module drives it with SQL and connections.
+//!
 //! Fills follow [`crate::cache::OwnedCache`]'s protocol; on top of it an invalidation from a
 //! peer moves the cache's epoch like a local write does, and becoming valid after a
 //! registration empties the cache and moves the epoch too, so nothing read before the
 //! registration is kept.
 
-use std::collections::HashSet;
+pub mod protocol;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,26 +58,11 @@ use tokio::sync::mpsc;
 
 use crate::cache::{Invalidate, Lease};
 
-/// How long a registration or renewal holds, by the database's clock.
-pub const LEASE: Duration = Duration::from_secs(3);
-/// How long before the database's expiry this process stops answering from its cache.
-pub const MARGIN: Duration = Duration::from_millis(500);
-/// How often a holder sends itself a heartbeat (each one renews the lease).
-pub const BEAT: Duration = Duration::from_millis(500);
-/// How long a writer waits for acknowledgements before it sends another fence.
-const REFENCE: Duration = Duration::from_secs(1);
-/// How long after a commit no lease can still cover a copy older than it (see
-/// [`Peers::settle`]), with some slack for clocks running at slightly different rates.
-pub const SAFE_AFTER: Duration = Duration::from_millis(2700);
-const _: () = assert!(SAFE_AFTER.as_millis() > LEASE.as_millis() - MARGIN.as_millis());
-/// How long after its expiry a holder's row is deleted by writers (until then a writer waits
-/// [`SAFE_AFTER`] for a holder that died without withdrawing).
-pub const FORGET_AFTER: Duration = Duration::from_secs(30);
+use protocol::{ACKS, Holder, INVALIDATIONS, Next, Note, SILENCE, Settle, Step};
+pub use protocol::{BEAT, FORGET_AFTER, LEASE, MARGIN, SAFE_AFTER};
+
 /// The wait before connecting again after the listening connection failed.
 const RECONNECT: Duration = Duration::from_millis(200);
-
-const INVALIDATIONS: &str = "cache_invalidations";
-const ACKS: &str = "cache_acks";
 
 /// The database's clock in microseconds since the epoch.
 const NOW_US: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)";
@@ -86,7 +76,7 @@ pub async fn announce(
     key: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_notify('cache_invalidations', $1)")
-        .bind(format!("inval:{kind}:{key}"))
+        .bind(Note::Invalidate { kind, key }.payload())
         .execute(conn)
         .await?;
     Ok(())
@@ -108,6 +98,8 @@ struct Shared {
     waiting: DashMap<String, mpsc::UnboundedSender<String>>,
     /// The registered holder id, while registered.
     holder: std::sync::Mutex<Option<String>>,
+    /// The instant heartbeats' sending times count from.
+    base: Instant,
 }
 
 impl Shared {
@@ -142,6 +134,7 @@ impl Peers {
                 caches: std::sync::OnceLock::new(),
                 waiting: DashMap::new(),
                 holder: std::sync::Mutex::new(None),
+                base: Instant::now(),
             }),
             task: std::sync::Mutex::new(None),
         }
@@ -171,30 +164,27 @@ impl Peers {
 
     /// After the commit of a write that [`announce`]d invalidations: returns once every replica
     /// holding a cache has acknowledged a fence sent after it, and in any case after
-    /// [`SAFE_AFTER`]. By then no replica can still answer from a copy older than the write:
-    /// a lease only grows from a heartbeat, and lasts until that heartbeat's sending time plus
-    /// `LEASE - MARGIN`; a heartbeat committed after the write reached its holder after the
-    /// announcement (notifications arrive in commit order), so a holder that has not handled
-    /// the announcement holds at most a lease from a heartbeat sent before the commit.
+    /// [`SAFE_AFTER`], when no replica can still answer from a copy older than the write
+    /// ([`Settle`]).
     pub async fn settle(&self) {
         let started = Instant::now();
         let deadline = started + SAFE_AFTER;
-        match tokio::time::timeout_at(deadline.into(), self.fence()).await {
-            Ok(Ok(())) => {}
+        match tokio::time::timeout_at(deadline.into(), self.fence(started)).await {
+            Ok(Ok(Next::Done)) => {}
+            Ok(Ok(_)) | Err(_) => {
+                tracing::warn!("a cache holder did not acknowledge; its lease has run out by now");
+            }
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, "cannot ask the cache holders; waiting out their leases");
                 tokio::time::sleep_until(deadline.into()).await;
-            }
-            Err(_) => {
-                tracing::warn!("a cache holder did not acknowledge; its lease has run out by now");
             }
         }
         metrics::histogram!("cache_fence_seconds").record(started.elapsed().as_secs_f64());
     }
 
-    /// Sends a fence and waits until every registered holder has acknowledged it (bounded by
-    /// [`Peers::settle`]).
-    async fn fence(&self) -> Result<(), sqlx::Error> {
+    /// Sends fences until every registered holder has acknowledged one, or [`SAFE_AFTER`]
+    /// has passed since `started`: [`Next::Done`] or [`Next::WaitedOut`].
+    async fn fence(&self, started: Instant) -> Result<Next, sqlx::Error> {
         let shared = &self.shared;
         // Rows that expired long ago belong to replicas that are gone (or have registered
         // afresh); the rest are waited for, whatever their expiry says. Only a forward step of
@@ -206,38 +196,34 @@ impl Peers {
         .bind(FORGET_AFTER.as_micros() as i64)
         .execute(&shared.pool)
         .await?;
-        let mut pending: HashSet<String> = sqlx::query_scalar("SELECT holder FROM cache_holders")
+        let holders: Vec<String> = sqlx::query_scalar("SELECT holder FROM cache_holders")
             .fetch_all(&shared.pool)
-            .await?
-            .into_iter()
-            .collect();
-        if pending.is_empty() {
-            return Ok(());
-        }
+            .await?;
+        let mut settle = Settle::new(started, holders);
         let (acks, mut acked) = mpsc::unbounded_channel();
         let mut fences = Fences {
             waiting: &shared.waiting,
             tokens: Vec::new(),
         };
-        fences.send(&shared.pool, &acks).await?;
-        let mut last_fence = Instant::now();
-        while !pending.is_empty() {
-            tokio::select! {
-                ack = acked.recv() => {
-                    if let Some(holder) = ack {
-                        pending.remove(&holder);
-                    }
-                }
-                () = tokio::time::sleep_until((last_fence + REFENCE).into()) => {
-                    // An acknowledgement may have been lost with this process's own listening
-                    // connection: ask again (any fence acknowledged will do, each comes after
-                    // the announcement).
+        loop {
+            match settle.next(Instant::now()) {
+                next @ (Next::Done | Next::WaitedOut) => return Ok(next),
+                Next::Fence => {
                     fences.send(&shared.pool, &acks).await?;
-                    last_fence = Instant::now();
+                    settle.fenced(Instant::now());
+                }
+                Next::WaitUntil(until) => {
+                    tokio::select! {
+                        ack = acked.recv() => {
+                            if let Some(holder) = ack {
+                                settle.acknowledged(&holder);
+                            }
+                        }
+                        () = tokio::time::sleep_until(until.into()) => {}
+                    }
                 }
             }
         }
-        Ok(())
     }
 
     /// Stops answering from the cache and withdraws the registration, so writers need not
@@ -276,7 +262,7 @@ impl Fences<'_> {
         self.waiting.insert(token.clone(), acks.clone());
         self.tokens.push(token.clone());
         sqlx::query("SELECT pg_notify('cache_invalidations', $1)")
-            .bind(format!("fence:{token}"))
+            .bind(Note::Fence { token: &token }.payload())
             .execute(pool)
             .await?;
         Ok(())
@@ -323,9 +309,8 @@ async fn session(shared: &Arc<Shared>) -> Result<(), sqlx::Error> {
     // Holders register under a fresh id; a process without a cache beats under one too, so
     // that its listener hears something at least every BEAT.
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let holder = if shared.caches().is_empty() {
-        None
-    } else {
+    let mut holder = Holder::new(id.clone(), !shared.caches().is_empty(), shared.base);
+    if holder.holding() {
         // Known before the row exists, so that whoever stops this task deletes it.
         if let Ok(mut slot) = shared.holder.lock() {
             *slot = Some(id.clone());
@@ -344,70 +329,65 @@ async fn session(shared: &Arc<Shared>) -> Result<(), sqlx::Error> {
         for (_, cache) in shared.caches() {
             cache.clear();
         }
-        shared.lease.extend_to(sent + LEASE - MARGIN);
-        Some(id.as_str())
-    };
-    let _beats = Beats::start(shared.url.clone(), id.clone());
+        shared.lease.extend_to(holder.registered(sent));
+    }
+    let _beats = Beats::start(shared.url.clone(), id, shared.base);
     loop {
-        // Silence longer than a lease means a connection that died without a word (a cut
-        // network): our own heartbeats would have come back through it.
-        let note = match tokio::time::timeout(LEASE, listener.try_recv()).await {
+        let note = match tokio::time::timeout(SILENCE, listener.try_recv()).await {
             Ok(note) => note?,
             Err(_) => None,
         };
         let Some(note) = note else {
-            return Ok(()); // connection lost
+            return Ok(()); // connection lost, or silent for too long
         };
-        let payload = note.payload();
-        if note.channel() == ACKS {
-            if let Some((token, from)) = payload.split_once(' ')
-                && let Some(waiter) = shared.waiting.get(token)
-            {
-                let _ = waiter.send(from.to_owned());
+        let Some(parsed) = Note::parse(note.channel(), note.payload()) else {
+            continue;
+        };
+        match holder.on_note(parsed) {
+            Step::Ignore => {}
+            Step::Deliver { token, holder } => {
+                if let Some(waiter) = shared.waiting.get(token) {
+                    let _ = waiter.send(holder.to_owned());
+                }
             }
-            continue;
-        }
-        let Some(holder) = holder else {
-            continue;
-        };
-        if let Some(rest) = payload.strip_prefix("inval:") {
-            if let Some((kind, key)) = rest.split_once(':') {
+            Step::Invalidate { kind, key } => {
                 for (k, cache) in shared.caches() {
                     if k == kind {
                         cache.invalidate(key);
                     }
                 }
             }
-        } else if let Some(token) = payload.strip_prefix("fence:") {
-            // Everything committed before the fence was handled above: acknowledge it.
-            bounded(
-                sqlx::query("SELECT pg_notify('cache_acks', $1)")
-                    .bind(format!("{token} {holder}"))
-                    .execute(&mut listener),
-            )
-            .await?;
-        } else if let Some(beat) = payload.strip_prefix("beat:")
-            && let Some(beat) = Beat::parse(beat)
-            && beat.id == holder
-        {
-            // Renewed from when the heartbeat was *sent*: a holder that lags behind its
-            // notifications holds no lease past what it had handled by then.
-            let renewed = bounded(
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE cache_holders SET expires_at = $2 + $3 \
-                     WHERE holder = $1 AND expires_at > {NOW_US}"
-                )))
-                .bind(holder)
-                .bind(beat.database_us)
-                .bind(LEASE.as_micros() as i64)
-                .execute(&mut listener),
-            )
-            .await?;
-            if renewed.rows_affected() != 1 {
-                // The lease ran out (or the row is gone): register afresh, emptying the cache.
-                return Ok(());
+            Step::Acknowledge { token } => {
+                let ack = Note::Ack {
+                    token,
+                    holder: holder.id(),
+                };
+                bounded(
+                    sqlx::query("SELECT pg_notify('cache_acks', $1)")
+                        .bind(ack.payload())
+                        .execute(&mut listener),
+                )
+                .await?;
             }
-            shared.lease.extend_to(beat.sent + LEASE - MARGIN);
+            Step::Renew { database_us, sent } => {
+                let renewed = bounded(
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE cache_holders SET expires_at = $2 + $3 \
+                         WHERE holder = $1 AND expires_at > {NOW_US}"
+                    )))
+                    .bind(holder.id())
+                    .bind(database_us)
+                    .bind(LEASE.as_micros() as i64)
+                    .execute(&mut listener),
+                )
+                .await?;
+                match holder.renewed(sent, renewed.rows_affected()) {
+                    Some(until) => shared.lease.extend_to(until),
+                    // The lease ran out (or the row is gone): register afresh, emptying the
+                    // caches.
+                    None => return Ok(()),
+                }
+            }
         }
     }
 }
@@ -425,38 +405,12 @@ async fn bounded<T>(
     })?
 }
 
-/// A heartbeat as it comes back: `beat:<id>:<sent, ns after the lease's base>:<database
-/// clock at sending, us>`.
-struct Beat<'a> {
-    id: &'a str,
-    sent: Instant,
-    database_us: i64,
-}
-
-impl<'a> Beat<'a> {
-    fn parse(text: &'a str) -> Option<Self> {
-        let mut parts = text.split(':');
-        let id = parts.next()?;
-        let sent_ns: u64 = parts.next()?.parse().ok()?;
-        let database_us: i64 = parts.next()?.parse().ok()?;
-        Some(Self {
-            id,
-            sent: BASE.get().copied()? + Duration::from_nanos(sent_ns),
-            database_us,
-        })
-    }
-}
-
-/// The instant heartbeats measure their sending time from.
-static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
 /// Sends a heartbeat every [`BEAT`] over a connection of its own (not the pool, which may be
 /// busy under load); stops when dropped.
 struct Beats(tokio::task::JoinHandle<()>);
 
 impl Beats {
-    fn start(url: String, id: String) -> Self {
-        let base = *BASE.get_or_init(Instant::now);
+    fn start(url: String, id: String, base: Instant) -> Self {
         Self(tokio::spawn(async move {
             let mut conn: Option<sqlx::PgConnection> = None;
             let mut every = tokio::time::interval(BEAT);
@@ -473,11 +427,11 @@ impl Beats {
                     }
                 }
                 let Some(c) = conn.as_mut() else { continue };
-                let sent = base.elapsed().as_nanos() as u64;
+                let prefix = protocol::beat_prefix(&id, base, Instant::now());
                 let sent = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "SELECT pg_notify('cache_invalidations', $1 || CAST({NOW_US} AS TEXT))"
                 )))
-                .bind(format!("beat:{id}:{sent}:"))
+                .bind(prefix)
                 .execute(&mut *c)
                 .await;
                 if let Err(err) = sent {
