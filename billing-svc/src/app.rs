@@ -11,8 +11,7 @@ use anyhow::Context as _;
 use contract::billing::v1::billing_service_server::{BillingServiceServer, SERVICE_NAME};
 use contract::paging::PageTokens;
 use platform::rpc::ServeOptions;
-use storage::db::{Engine, Ownership};
-use storage::peers::Peers;
+use storage::database::Database;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
@@ -29,13 +28,9 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
-    pool: sqlx::AnyPool,
+    database: Database,
     api: BillingApi,
     config: Config,
-    /// This process's claim on its SQLite file, held while it serves.
-    ownership: Option<Ownership>,
-    /// On PostgreSQL, this process's part in keeping the replicas' caches exact.
-    peers: Option<Arc<Peers>>,
 }
 
 impl Application {
@@ -49,32 +44,25 @@ impl Application {
             config.directory_timeout,
             config.directory_tls.as_ref(),
         )?;
-        let ownership = Ownership::claim(&config.database_url)?;
-        let engine = Engine::of(&config.database_url)?;
-        let pool = storage::db::connect(&config.database_url, &config.pool).await?;
-        let mut store = SqlStore::new(pool, engine)
+        let database = Database::open(&config.database_url, &config.pool).await?;
+        let mut store = SqlStore::new(database.pool.clone(), database.engine)
             .await
             .context("cannot migrate the database")?;
         let page_key = storage::db::secret(store.pool(), "page-token-key").await?;
-        let pool = store.pool().clone();
-        let peers = (engine == Engine::Postgres)
-            .then(|| Arc::new(Peers::new(&config.database_url, pool.clone())));
-        if let Some(peers) = &peers {
+        if let Some(peers) = &database.peers {
             store = store.with_peers(peers.clone());
         }
         // A cache when this process owns its SQLite file, or under a lease on PostgreSQL.
-        let lease = peers.as_ref().map(|peers| peers.lease());
-        let caching = config.cache_entries > 0 && (ownership.is_some() || lease.is_some());
-        let (store, caches): (Arc<dyn BillingStore>, _) = if caching {
-            let cached = CachedStore::new(Arc::new(store), config.cache_entries, lease);
-            let caches = cached.peer_caches();
-            (Arc::new(cached), caches)
-        } else {
-            (Arc::new(store), Vec::new())
-        };
-        if let Some(peers) = &peers {
-            peers.start(caches);
-        }
+        let (store, caches): (Arc<dyn BillingStore>, _) =
+            match database.cache_lease(config.cache_entries) {
+                Some(lease) => {
+                    let cached = CachedStore::new(Arc::new(store), config.cache_entries, lease);
+                    let caches = cached.peer_caches();
+                    (Arc::new(cached), caches)
+                }
+                None => (Arc::new(store), Vec::new()),
+            };
+        database.start_peers(caches);
         let service = Service::new(
             store,
             Arc::new(directory),
@@ -84,11 +72,9 @@ impl Application {
         Ok(Self {
             listener,
             local_addr,
-            pool,
+            database,
             api: BillingApi::new(Arc::new(service)),
             config,
-            ownership,
-            peers,
         })
     }
 
@@ -112,14 +98,34 @@ impl Application {
             error_domain: crate::transport::ERROR_DOMAIN,
             max_in_flight: self.config.max_in_flight,
         };
-        let pool_metrics = storage::db::watch_pool(self.pool);
         let served =
             platform::rpc::serve(self.listener, Routes::new(service), options, shutdown).await;
-        pool_metrics.abort();
-        if let Some(peers) = &self.peers {
-            peers.withdraw().await;
-        }
-        drop(self.ownership);
+        self.database.close().await;
         served
+    }
+}
+
+impl platform::launch::Server for Application {
+    const NAME: &'static str = "billing-svc";
+    const SERVICE: &'static str = SERVICE_NAME;
+    const ENV_PREFIX: &'static str = "BILLING";
+    type Cli = crate::config::Cli;
+    type Config = Config;
+
+    fn listen(cli: &Self::Cli) -> &str {
+        &cli.listen
+    }
+
+    fn serve_flags(cli: &Self::Cli) -> &platform::launch::ServeFlags {
+        &cli.serve
+    }
+
+    fn config(cli: &Self::Cli) -> anyhow::Result<Config> {
+        Config::try_from(cli)
+    }
+
+    async fn serve(config: Config) -> anyhow::Result<()> {
+        let app = Self::build(config).await?;
+        app.run_until(platform::rpc::shutdown_signal()).await
     }
 }

@@ -5,118 +5,49 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use clap::Parser;
+use platform::launch::ServeFlags;
 use platform::tls::{ClientTls, ServerTls};
-use storage::db::{Engine, PoolSettings, SqliteSync};
+use storage::db::{DatabaseFlags, Engine, PoolSettings};
 
 /// billing-svc: the offer catalogue and subscriptions, authorised by directory-svc over gRPC.
+/// Every flag can also be set by an environment variable, `BILLING_` and its name
+/// (`--directory-url`: `BILLING_DIRECTORY_URL`).
 #[derive(Debug, Parser)]
 #[command(name = "billing-svc", version, about)]
 pub struct Cli {
     /// Address to listen on for gRPC: HOST:PORT (a name or an IP; port 0 picks a free port).
-    #[arg(long, env = "BILLING_LISTEN", default_value = "127.0.0.1:50052")]
+    #[arg(long, default_value = "127.0.0.1:50052")]
     pub listen: String,
 
     /// Database URL: sqlite://PATH (created on first start) or postgres://USER@HOST/DB.
-    #[arg(
-        long,
-        env = "BILLING_DATABASE_URL",
-        default_value = "sqlite://data/billing.db"
-    )]
+    #[arg(long, default_value = "sqlite://data/billing.db")]
     pub database_url: String,
 
+    #[command(flatten)]
+    pub database: DatabaseFlags,
+
+    #[command(flatten)]
+    pub serve: ServeFlags,
+
     /// directory-svc endpoint(s), comma-separated: http://HOST:PORT[,http://HOST:PORT...].
-    #[arg(
-        long,
-        env = "BILLING_DIRECTORY_URL",
-        default_value = "http://127.0.0.1:50051",
-        value_delimiter = ','
-    )]
+    #[arg(long, default_value = "http://127.0.0.1:50051", value_delimiter = ',')]
     pub directory_url: Vec<String>,
 
     /// Deadline of each call to directory-svc, in milliseconds (a caller's shorter deadline wins).
-    #[arg(long, env = "BILLING_DIRECTORY_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub directory_timeout_ms: u64,
 
-    /// Largest number of open database connections.
-    #[arg(long, env = "BILLING_DB_MAX_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub db_max_connections: u32,
-
-    /// Subscriptions kept in memory by id (0: none). Only on SQLite, where this process
-    /// owns the file and every write passes through it; on PostgreSQL every read goes to the
-    /// database, which replicas share.
-    #[arg(long, env = "BILLING_CACHE_ENTRIES", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
-    pub cache_entries: u64,
-
-    /// How long a call waits for a database connection, in seconds.
-    #[arg(long, env = "BILLING_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
-    pub db_acquire_timeout_secs: u64,
-
-    /// SQLite durability: `normal` (a commit survives a crash or kill -9 of the process) or
-    /// `full` (it survives a power cut too: an fsync per commit).
-    #[arg(
-        long,
-        env = "BILLING_SQLITE_SYNCHRONOUS",
-        value_enum,
-        default_value = "normal"
-    )]
-    pub sqlite_synchronous: SqliteSynchronous,
-
-    /// How long SIGTERM waits for in-flight calls before exiting anyway, in seconds.
-    #[arg(long, env = "BILLING_DRAIN_SECS", default_value_t = 20)]
-    pub drain_secs: u64,
-
-    /// Calls in flight beyond this are refused at once with RESOURCE_EXHAUSTED (load shedding).
-    #[arg(long, env = "BILLING_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_in_flight: u32,
-
-    /// PEM certificate chain to serve TLS with (with --tls-key); plaintext when unset.
-    #[arg(long, env = "BILLING_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-
-    /// PEM private key of --tls-cert.
-    #[arg(long, env = "BILLING_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-
-    /// PEM CA that client certificates must chain to: mutual TLS (needs --tls-cert).
-    #[arg(long, env = "BILLING_TLS_CLIENT_CA")]
-    pub tls_client_ca: Option<PathBuf>,
-
     /// PEM CA to trust for https:// directory URLs.
-    #[arg(long, env = "BILLING_DIRECTORY_CA")]
+    #[arg(long)]
     pub directory_ca: Option<PathBuf>,
 
     /// PEM client certificate for mutual TLS to the directory (with --directory-client-key).
-    #[arg(long, env = "BILLING_DIRECTORY_CLIENT_CERT")]
+    #[arg(long)]
     pub directory_client_cert: Option<PathBuf>,
 
     /// PEM private key of --directory-client-cert.
-    #[arg(long, env = "BILLING_DIRECTORY_CLIENT_KEY")]
+    #[arg(long)]
     pub directory_client_key: Option<PathBuf>,
-
-    /// Instead of serving, ask the server at --listen whether it is SERVING (gRPC health) and
-    /// exit 0 if so, 1 if not: the container health check.
-    #[arg(long, env = "BILLING_HEALTH_PROBE")]
-    pub health_probe: bool,
-
-    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT); off when unset.
-    #[arg(long, env = "BILLING_METRICS_LISTEN")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
-
-    /// Log format.
-    #[arg(long, env = "BILLING_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SqliteSynchronous {
-    Normal,
-    Full,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Everything the server needs to start.
@@ -218,23 +149,12 @@ impl TryFrom<&Cli> for Config {
             database_url: cli.database_url.clone(),
             directory_urls,
             directory_timeout: Duration::from_millis(cli.directory_timeout_ms),
-            pool: PoolSettings {
-                max_connections: cli.db_max_connections,
-                acquire_timeout: Duration::from_secs(cli.db_acquire_timeout_secs),
-                sqlite_sync: match cli.sqlite_synchronous {
-                    SqliteSynchronous::Normal => SqliteSync::Normal,
-                    SqliteSynchronous::Full => SqliteSync::Full,
-                },
-            },
-            drain: Duration::from_secs(cli.drain_secs),
-            tls: ServerTls::from_files(
-                cli.tls_cert.as_deref(),
-                cli.tls_key.as_deref(),
-                cli.tls_client_ca.as_deref(),
-            )?,
+            pool: cli.database.pool(),
+            drain: cli.serve.drain(),
+            tls: cli.serve.tls()?,
             directory_tls,
-            max_in_flight: cli.max_in_flight as usize,
-            cache_entries: usize::try_from(cli.cache_entries)?,
+            max_in_flight: cli.serve.max_in_flight(),
+            cache_entries: cli.database.cache_entries()?,
             clock: platform::clock::system(),
         })
     }

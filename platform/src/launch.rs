@@ -1,9 +1,141 @@
-//! What both binaries' `main` do: the health-probe mode, configuration errors (exit 2),
-//! logging, metrics, serving, and the exit code.
+//! What both binaries' `main` do ([`main`]): the flags they share ([`ServeFlags`]), each with
+//! an environment variable named after the binary ([`parse_flags`]), the health-probe mode,
+//! configuration errors (exit 2), logging, metrics, serving, and the exit code.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::tls::ServerTls;
+
+/// What a binary tells [`main`].
+pub trait Server {
+    /// The binary's name, for messages (`directory-svc`).
+    const NAME: &'static str;
+    /// The full gRPC service name, for the health probe.
+    const SERVICE: &'static str;
+    /// What its flags' environment variables start with (`DIRECTORY`: `DIRECTORY_LISTEN`).
+    const ENV_PREFIX: &'static str;
+    type Cli: clap::Parser;
+    type Config;
+    /// `--listen`.
+    fn listen(cli: &Self::Cli) -> &str;
+    fn serve_flags(cli: &Self::Cli) -> &ServeFlags;
+    /// Checks the flags and makes the configuration.
+    fn config(cli: &Self::Cli) -> anyhow::Result<Self::Config>;
+    /// Builds the server and serves until a shutdown signal.
+    fn serve(config: Self::Config) -> impl Future<Output = anyhow::Result<()>>;
+}
+
+/// A binary's whole `main`: parses its flags, then [`run`]s it on the runtime [`block_on`]
+/// builds.
+pub fn main<S: Server>() -> ExitCode {
+    block_on(async {
+        let cli = parse_flags::<S::Cli>(S::ENV_PREFIX);
+        let launch = S::serve_flags(&cli).launch(S::NAME, S::SERVICE, S::listen(&cli));
+        run(launch, S::config(&cli), S::serve).await
+    })
+}
+
+/// Parses the command line; each long flag can also be given by the environment variable
+/// `PREFIX_FLAG` (`--db-max-connections` for directory-svc: `DIRECTORY_DB_MAX_CONNECTIONS`),
+/// which `--help` shows. Exits as clap does on a bad flag (2) or on `--help`.
+pub fn parse_flags<C: clap::Parser>(prefix: &str) -> C {
+    let command = C::command().mut_args(|arg| {
+        let env = arg
+            .get_long()
+            .filter(|_| arg.get_env().is_none())
+            .filter(|long| !matches!(*long, "help" | "version"))
+            .map(|long| format!("{prefix}_{}", long.replace('-', "_").to_uppercase()));
+        match env {
+            Some(env) => arg.env(env),
+            None => arg,
+        }
+    });
+    C::from_arg_matches(&command.get_matches()).unwrap_or_else(|err| err.exit())
+}
+
+/// The flags of serving that both binaries have.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeFlags {
+    /// How long SIGTERM waits for in-flight calls before exiting anyway, in seconds.
+    #[arg(long, default_value_t = 20)]
+    pub drain_secs: u64,
+
+    /// Calls in flight beyond this are refused at once with RESOURCE_EXHAUSTED (load shedding).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
+    /// PEM certificate chain to serve TLS with (with --tls-key); plaintext when unset.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA that client certificates must chain to: mutual TLS (needs --tls-cert).
+    #[arg(long)]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Instead of serving, ask the server at --listen whether it is SERVING (gRPC health) and
+    /// exit 0 if so, 1 if not: the container health check.
+    #[arg(long)]
+    pub health_probe: bool,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT); off when unset.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl ServeFlags {
+    /// The process-level settings of a binary named `name` serving `service` at `listen`.
+    pub fn launch<'a>(
+        &self,
+        name: &'static str,
+        service: &'static str,
+        listen: &'a str,
+    ) -> Launch<'a> {
+        Launch {
+            name,
+            service,
+            listen,
+            health_probe: self.health_probe,
+            json_logs: self.log_format == LogFormat::Json,
+            metrics_listen: self.metrics_listen,
+        }
+    }
+
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_secs)
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight as usize
+    }
+
+    /// The server's TLS settings from the files named (they must exist and make a valid
+    /// identity); `None` for plaintext.
+    pub fn tls(&self) -> anyhow::Result<Option<ServerTls>> {
+        ServerTls::from_files(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+        )
+    }
+}
 
 /// Exit code for an invalid configuration (as clap uses for bad flags).
 pub const EXIT_CONFIG: u8 = 2;

@@ -15,6 +15,7 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
 use tracing::Instrument as _;
 
 use contract::fields::Violation;
+use contract::refusal::Refusal;
 
 /// A `Status` carrying `google.rpc.ErrorInfo` (`reason`, `domain`) and, when `violations` is
 /// not empty, `google.rpc.BadRequest` with one field violation each.
@@ -39,6 +40,24 @@ pub fn status(
         );
     }
     Status::with_error_details(code, message, details)
+}
+
+/// The code, `ErrorInfo` reason and field violations of a refusal both services share.
+pub fn refusal(refusal: &Refusal) -> (Code, &'static str, Vec<Violation>) {
+    match refusal {
+        Refusal::InvalidArgument(violations) => (
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+            violations.clone(),
+        ),
+        Refusal::InvalidPageToken(why) => (
+            Code::InvalidArgument,
+            "INVALID_PAGE_TOKEN",
+            vec![Violation::new("page_token", why.to_string())],
+        ),
+        Refusal::MissingToken => (Code::Unauthenticated, "MISSING_TOKEN", vec![]),
+        Refusal::InvalidToken => (Code::Unauthenticated, "INVALID_TOKEN", vec![]),
+    }
 }
 
 /// RESOURCE_EXHAUSTED with `ErrorInfo` and `RetryInfo` (when to try again).

@@ -6,6 +6,7 @@
 //!   ids, page sizes), as pure functions returning [`fields::Violation`]s.
 //! - [`paging`]: opaque, tamper-evident page tokens bound to a list, a scope and a filter.
 //! - [`mac`]: the domain-bound, truncated HMAC-SHA256 tags page and access tokens carry.
+//! - [`refusal`]: the refusals every call can get (bad fields, page token or bearer token).
 //! - [`time`]: times as the contract carries them (`google.protobuf.Timestamp`).
 //!
 //! It holds no business rule of either service, and no machinery: serving, telemetry and TLS
@@ -15,6 +16,7 @@
 pub mod fields;
 pub mod mac;
 pub mod paging;
+pub mod refusal;
 pub mod time;
 
 /// `directory.v1`: directories, users, roles, sign-in, Authorize.

@@ -62,7 +62,7 @@ impl Engine {
 }
 
 /// How SQLite makes a commit durable (WAL mode either way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum SqliteSync {
     /// fsync the WAL at checkpoints only: a commit survives a crash or kill -9 of the process
     /// (it is in the OS's page cache), not a power cut. SQLite's recommended setting for WAL.
@@ -150,6 +150,44 @@ impl HeldConnection {
             }
         }
         next.await
+    }
+}
+
+/// The database flags both binaries have (their environment variables are named by
+/// `platform::launch::parse_flags`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseFlags {
+    /// Largest number of open database connections.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_max_connections: u32,
+
+    /// How long a call waits for a database connection, in seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub db_acquire_timeout_secs: u64,
+
+    /// SQLite durability: `normal` (a commit survives a crash or kill -9 of the process) or
+    /// `full` (it survives a power cut too: an fsync per commit).
+    #[arg(long, value_enum, default_value = "normal")]
+    pub sqlite_synchronous: SqliteSync,
+
+    /// Rows kept in memory by id (0: none). On SQLite when this process owns the file, so
+    /// that every write passes through it; on PostgreSQL under a lease that writers of other
+    /// replicas wait on (`storage::peers`).
+    #[arg(long, default_value_t = crate::cache::DEFAULT_ENTRIES as u64, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub cache_entries: u64,
+}
+
+impl DatabaseFlags {
+    pub fn pool(&self) -> PoolSettings {
+        PoolSettings {
+            max_connections: self.db_max_connections,
+            acquire_timeout: Duration::from_secs(self.db_acquire_timeout_secs),
+            sqlite_sync: self.sqlite_synchronous,
+        }
+    }
+
+    pub fn cache_entries(&self) -> anyhow::Result<usize> {
+        Ok(usize::try_from(self.cache_entries)?)
     }
 }
 

@@ -7,5 +7,6 @@
 
 pub mod batch;
 pub mod cache;
+pub mod database;
 pub mod db;
 pub mod peers;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use contract::directory::v1 as dpb;
 use contract::directory::v1::directory_service_client::DirectoryServiceClient;
+use contract::refusal::Refusal;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -219,7 +220,7 @@ impl Authorizer for GrpcDirectory {
         let deadline = budget.until;
         let bearer = format!("Bearer {token}")
             .parse::<tonic::metadata::MetadataValue<_>>()
-            .map_err(|_| Error::InvalidToken)?;
+            .map_err(|_| Refusal::InvalidToken)?;
         let mut backoff = FIRST_BACKOFF;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -288,7 +289,7 @@ impl Authorizer for GrpcDirectory {
             // so such a call may always be made again.
             let unanswered = std::error::Error::source(&status).is_some();
             match status.code() {
-                Code::Unauthenticated if !unanswered => return Err(Error::InvalidToken),
+                Code::Unauthenticated if !unanswered => return Err(Refusal::InvalidToken.into()),
                 // No answer from this replica, or it is failing: another replica takes the
                 // call.
                 code if (unanswered

@@ -1,22 +1,13 @@
 //! The one error type of billing-svc. The transport maps each variant to a gRPC status in one
 //! exhaustive match; internal variants are logged there and answered with a generic message.
 
-use contract::fields::Violation;
-use contract::paging::PageTokenError;
+use contract::refusal::Refusal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}", contract::fields::violations_message(.0))]
-    InvalidArgument(Vec<Violation>),
-    #[error("{0}")]
-    InvalidPageToken(PageTokenError),
-    #[error(
-        "missing bearer token: send metadata 'authorization: Bearer <access_token>' from SignIn"
-    )]
-    MissingToken,
-    /// The directory refused the token (malformed, expired, or its user deleted).
-    #[error("access token is invalid or expired")]
-    InvalidToken,
+    /// A bad field, page token or bearer token (the same in both services).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// The directory decided the caller may not do this; carries its reason.
     #[error("permission denied: {0}")]
     PermissionDenied(String),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use contract::fields::Violation;
 use contract::paging::PageTokens;
+use contract::refusal::Refusal;
 use platform::clock::Clock;
 
 pub use error::{Error, Result};
@@ -45,7 +46,7 @@ pub struct Caller {
 /// The directory service, as billing needs it.
 #[async_trait]
 pub trait Authorizer: Send + Sync + 'static {
-    /// Fails with [`Error::InvalidToken`] when the directory refuses the token, with
+    /// Fails with [`Refusal::InvalidToken`] when the directory refuses the token, with
     /// [`Error::DeadlineExceeded`] when the caller's deadline runs out first, and with
     /// [`Error::DirectoryUnavailable`] when the directory fails within the time allowed.
     /// The call's deadline, request id and trace travel beside it (the client reads them from
@@ -140,7 +141,7 @@ impl Service {
     /// Who is calling, as the directory says, and whether `check` passed. The first step of
     /// every authenticated call: a bad token fails here, before the request is even validated.
     pub async fn caller(&self, token: Option<&str>, check: Check) -> Result<Caller> {
-        let token = token.ok_or(Error::MissingToken)?;
+        let token = token.ok_or(Refusal::MissingToken)?;
         self.directory.authorize(token, check).await
     }
 
@@ -275,11 +276,11 @@ impl Service {
             let key = self
                 .pages
                 .open(&query.page_token, LIST_SUBSCRIPTIONS, &scope, "")
-                .map_err(Error::InvalidPageToken)?;
+                .map_err(Refusal::InvalidPageToken)?;
             let (time, id) = key
                 .split_once('|')
                 .and_then(|(t, id)| Some((t.parse::<i64>().ok()?, id.to_owned())))
-                .ok_or(Error::InvalidPageToken(
+                .ok_or(Refusal::InvalidPageToken(
                     contract::paging::PageTokenError::Invalid,
                 ))?;
             Some((time, id))

@@ -3,6 +3,7 @@
 
 use contract::billing::v1 as pb;
 use contract::fields::{self, Violation, Violations};
+use contract::refusal::Refusal;
 use contract::time::timestamp;
 
 use crate::domain::model::{State, Subscription};
@@ -12,7 +13,7 @@ use crate::domain::{Error, ListQuery, NewSubscription, check_seats};
 fn done<T>(violations: Violations, value: impl FnOnce() -> Option<T>) -> Result<T, Error> {
     match violations.is_empty().then(value).flatten() {
         Some(value) => Ok(value),
-        None => Err(Error::InvalidArgument(violations.into_vec())),
+        None => Err(Refusal::InvalidArgument(violations.into_vec()).into()),
     }
 }
 

@@ -1,6 +1,5 @@
 //! The one mapping from [`Error`] to `tonic::Status`: code, ErrorInfo reason, BadRequest.
 
-use contract::fields::Violation;
 use platform::rpc::status;
 use tonic::{Code, Status};
 
@@ -12,18 +11,7 @@ pub const ERROR_DOMAIN: &str = "billing-svc";
 pub fn to_status(err: Error) -> Status {
     let message = err.to_string();
     let (code, reason, violations) = match &err {
-        Error::InvalidArgument(violations) => (
-            Code::InvalidArgument,
-            "INVALID_ARGUMENT",
-            violations.clone(),
-        ),
-        Error::InvalidPageToken(why) => (
-            Code::InvalidArgument,
-            "INVALID_PAGE_TOKEN",
-            vec![Violation::new("page_token", why.to_string())],
-        ),
-        Error::MissingToken => (Code::Unauthenticated, "MISSING_TOKEN", vec![]),
-        Error::InvalidToken => (Code::Unauthenticated, "INVALID_TOKEN", vec![]),
+        Error::Refused(refusal) => platform::rpc::refusal(refusal),
         Error::PermissionDenied(_) => (Code::PermissionDenied, "PERMISSION_DENIED", vec![]),
         Error::NotFound => (Code::NotFound, "SUBSCRIPTION_NOT_FOUND", vec![]),
         Error::FreeTrialUsed => (Code::FailedPrecondition, "FREE_TRIAL_ALREADY_USED", vec![]),

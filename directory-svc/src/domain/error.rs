@@ -1,8 +1,7 @@
 //! The one error type of directory-svc. The transport maps each variant to a gRPC status in
 //! one exhaustive match; `Internal` is logged there and answered with a generic message.
 
-use contract::fields::Violation;
-use contract::paging::PageTokenError;
+use contract::refusal::Refusal;
 
 /// A resource whose absence (or invisibility) is reported as NOT_FOUND.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,18 +25,9 @@ pub enum Denied {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}", contract::fields::violations_message(.0))]
-    InvalidArgument(Vec<Violation>),
-    #[error("{0}")]
-    InvalidPageToken(PageTokenError),
-    /// No bearer token in the request.
-    #[error(
-        "missing bearer token: send metadata 'authorization: Bearer <access_token>' from SignIn"
-    )]
-    MissingToken,
-    /// A token that is malformed, badly signed, expired, or whose user no longer exists.
-    #[error("access token is invalid or expired")]
-    InvalidToken,
+    /// A bad field, page token or bearer token (the same in both services).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// Unknown UPN or wrong password: indistinguishable on purpose.
     #[error("incorrect user principal name or password")]
     BadCredentials,

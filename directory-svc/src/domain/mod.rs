@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use contract::fields::Violation;
 use contract::paging::PageTokens;
+use contract::refusal::Refusal;
 use platform::clock::Clock;
 use platform::limits::Limiter;
 
@@ -219,14 +220,14 @@ impl Service {
 
     /// The user a bearer token names, as stored now. A deleted user's token fails here.
     pub async fn authenticate(&self, bearer: Option<&str>) -> Result<User> {
-        let token = bearer.ok_or(Error::MissingToken)?;
+        let token = bearer.ok_or(Refusal::MissingToken)?;
         let subject = self
             .tokens
             .verify(token, self.clock.now_micros())
-            .ok_or(Error::InvalidToken)?;
+            .ok_or(Refusal::InvalidToken)?;
         match self.store.user(&subject.user_id).await.map_err(internal)? {
             Some(user) if user.directory_id == subject.directory_id => Ok(user),
-            _ => Err(Error::InvalidToken),
+            _ => Err(Refusal::InvalidToken.into()),
         }
     }
 
@@ -267,13 +268,14 @@ impl Service {
         may_create(caller.roles)?;
         let directory = self.own_directory(caller).await?;
         if new.upn.domain() != directory.initial_domain {
-            return Err(Error::InvalidArgument(vec![Violation::new(
+            return Err(Refusal::InvalidArgument(vec![Violation::new(
                 "user_principal_name",
                 format!(
                     "the domain must be the directory's domain {}",
                     directory.initial_domain
                 ),
-            )]));
+            )])
+            .into());
         }
         let user = User {
             id: new_id(),
@@ -300,7 +302,7 @@ impl Service {
     /// The caller's roles changed between authentication and the write: decide again from the
     /// roles stored now, or fail as a deleted caller's token would.
     fn recheck(&self, now: Option<RoleSet>) -> Result<RoleSet> {
-        now.ok_or(Error::InvalidToken)
+        now.ok_or(Refusal::InvalidToken.into())
     }
 
     /// A user of the caller's directory; users of other directories answer as missing ones.
@@ -329,7 +331,7 @@ impl Service {
         } else {
             self.pages
                 .open(&query.page_token, LIST_USERS, &caller.directory_id, &filter)
-                .map_err(Error::InvalidPageToken)?
+                .map_err(Refusal::InvalidPageToken)?
         };
         let mut users = self
             .store

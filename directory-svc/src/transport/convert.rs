@@ -3,6 +3,7 @@
 
 use contract::directory::v1 as pb;
 use contract::fields::{self, Violation, Violations};
+use contract::refusal::Refusal;
 use contract::time::timestamp;
 
 use crate::domain::Error;
@@ -16,7 +17,7 @@ use crate::domain::types::{
 fn done<T>(violations: Violations, value: impl FnOnce() -> Option<T>) -> Result<T, Error> {
     match violations.is_empty().then(value).flatten() {
         Some(value) => Ok(value),
-        None => Err(Error::InvalidArgument(violations.into_vec())),
+        None => Err(Refusal::InvalidArgument(violations.into_vec()).into()),
     }
 }
 

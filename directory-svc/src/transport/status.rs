@@ -1,6 +1,5 @@
 //! The one mapping from [`Error`] to `tonic::Status`: code, ErrorInfo reason, BadRequest.
 
-use contract::fields::Violation;
 use platform::rpc::status;
 use tonic::{Code, Status};
 
@@ -12,18 +11,7 @@ pub const ERROR_DOMAIN: &str = "directory-svc";
 pub fn to_status(err: Error) -> Status {
     let message = err.to_string();
     let (code, reason, violations) = match &err {
-        Error::InvalidArgument(violations) => (
-            Code::InvalidArgument,
-            "INVALID_ARGUMENT",
-            violations.clone(),
-        ),
-        Error::InvalidPageToken(why) => (
-            Code::InvalidArgument,
-            "INVALID_PAGE_TOKEN",
-            vec![Violation::new("page_token", why.to_string())],
-        ),
-        Error::MissingToken => (Code::Unauthenticated, "MISSING_TOKEN", vec![]),
-        Error::InvalidToken => (Code::Unauthenticated, "INVALID_TOKEN", vec![]),
+        Error::Refused(refusal) => platform::rpc::refusal(refusal),
         Error::BadCredentials => (Code::Unauthenticated, "INVALID_CREDENTIALS", vec![]),
         Error::PermissionDenied(denied) => {
             let reason = match denied {
