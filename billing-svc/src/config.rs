@@ -1,13 +1,16 @@
 //! Command-line flags (each with an environment variable) and the settings they produce.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use std::path::PathBuf;
-
 use clap::Parser;
+use contract::billing::v1::billing_service_server::SERVICE_NAME;
 use platform::launch::ServeFlags;
-use platform::tls::{ClientTls, ServerTls};
+use platform::rpc::ServeOptions;
+use platform::tls::ClientTls;
 use storage::db::{DatabaseFlags, Engine, PoolSettings};
+
+use crate::transport::ERROR_DOMAIN;
 
 /// billing-svc: the offer catalogue and subscriptions, authorised by directory-svc over gRPC.
 /// Every flag can also be set by an environment variable, `BILLING_` and its name
@@ -15,10 +18,6 @@ use storage::db::{DatabaseFlags, Engine, PoolSettings};
 #[derive(Debug, Parser)]
 #[command(name = "billing-svc", version, about)]
 pub struct Cli {
-    /// Address to listen on for gRPC: HOST:PORT (a name or an IP; port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:50052")]
-    pub listen: String,
-
     /// Database URL: sqlite://PATH (created on first start) or postgres://USER@HOST/DB.
     #[arg(long, default_value = "sqlite://data/billing.db")]
     pub database_url: String,
@@ -58,11 +57,10 @@ pub struct Config {
     pub directory_urls: Vec<String>,
     pub directory_timeout: Duration,
     pub pool: PoolSettings,
-    pub drain: Duration,
-    pub tls: Option<ServerTls>,
+    /// Drain time, TLS, calls in flight.
+    pub serve: ServeOptions,
     /// TLS towards the directory (for https:// URLs).
     pub directory_tls: Option<ClientTls>,
-    pub max_in_flight: usize,
     /// In-memory entries by id (SQLite only; 0: none).
     pub cache_entries: usize,
     /// What the rules read the time from: the system's clock, or a test's manual one.
@@ -82,10 +80,8 @@ impl Config {
             directory_urls: vec![directory_url.into()],
             directory_timeout: Duration::from_secs(2),
             pool: PoolSettings::default(),
-            drain: Duration::from_secs(20),
-            tls: None,
+            serve: ServeOptions::new(SERVICE_NAME, ERROR_DOMAIN),
             directory_tls: None,
-            max_in_flight: 1024,
             cache_entries: storage::cache::DEFAULT_ENTRIES,
             clock: platform::clock::system(),
         }
@@ -99,7 +95,6 @@ impl TryFrom<&Cli> for Config {
     /// the directory URLs, and that TLS files exist and make valid identities.
     fn try_from(cli: &Cli) -> anyhow::Result<Self> {
         Engine::of(&cli.database_url)?;
-        platform::launch::check_listen(&cli.listen)?;
         let directory_urls: Vec<String> = cli
             .directory_url
             .iter()
@@ -145,15 +140,13 @@ impl TryFrom<&Cli> for Config {
             _ => anyhow::bail!("directory URLs must be all http:// or all https://"),
         };
         Ok(Self {
-            listen: cli.listen.clone(),
+            listen: cli.serve.listen.clone(),
             database_url: cli.database_url.clone(),
             directory_urls,
             directory_timeout: Duration::from_millis(cli.directory_timeout_ms),
             pool: cli.database.pool(),
-            drain: cli.serve.drain(),
-            tls: cli.serve.tls()?,
+            serve: cli.serve.options(SERVICE_NAME, ERROR_DOMAIN)?,
             directory_tls,
-            max_in_flight: cli.serve.max_in_flight(),
             cache_entries: cli.database.cache_entries()?,
             clock: platform::clock::system(),
         })

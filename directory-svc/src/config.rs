@@ -3,12 +3,14 @@
 use std::time::Duration;
 
 use clap::Parser;
+use contract::directory::v1::directory_service_server::SERVICE_NAME;
 use platform::launch::ServeFlags;
-use platform::tls::ServerTls;
+use platform::rpc::ServeOptions;
 use storage::db::{DatabaseFlags, Engine, PoolSettings};
 
 use crate::domain::AbuseLimits;
 use crate::domain::passwords::Argon2Cost;
+use crate::transport::ERROR_DOMAIN;
 
 /// directory-svc: directories (tenants), users, organizational roles and sign-in over gRPC.
 /// Every flag can also be set by an environment variable, `DIRECTORY_` and its name
@@ -16,10 +18,6 @@ use crate::domain::passwords::Argon2Cost;
 #[derive(Debug, Parser)]
 #[command(name = "directory-svc", version, about)]
 pub struct Cli {
-    /// Address to listen on for gRPC: HOST:PORT (a name or an IP; port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub listen: String,
-
     /// Database URL: sqlite://PATH (created on first start) or postgres://USER@HOST/DB.
     #[arg(long, default_value = "sqlite://data/directory.db")]
     pub database_url: String,
@@ -63,9 +61,8 @@ pub struct Config {
     pub pool: PoolSettings,
     pub token_ttl: Duration,
     pub argon2: Argon2Cost,
-    pub drain: Duration,
-    pub tls: Option<ServerTls>,
-    pub max_in_flight: usize,
+    /// Drain time, TLS, calls in flight.
+    pub serve: ServeOptions,
     /// In-memory entries by id (SQLite only; 0: none).
     pub cache_entries: usize,
     /// What the rules read the time from: the system's clock, or a test's manual one.
@@ -82,9 +79,7 @@ impl Config {
             pool: PoolSettings::default(),
             token_ttl: Duration::from_secs(3600),
             argon2: Argon2Cost::default(),
-            drain: Duration::from_secs(20),
-            tls: None,
-            max_in_flight: 1024,
+            serve: ServeOptions::new(SERVICE_NAME, ERROR_DOMAIN),
             cache_entries: storage::cache::DEFAULT_ENTRIES,
             clock: platform::clock::system(),
             limits: AbuseLimits::default(),
@@ -99,9 +94,8 @@ impl TryFrom<&Cli> for Config {
     /// and that TLS files exist and make a valid identity.
     fn try_from(cli: &Cli) -> anyhow::Result<Self> {
         Engine::of(&cli.database_url)?;
-        platform::launch::check_listen(&cli.listen)?;
         Ok(Self {
-            listen: cli.listen.clone(),
+            listen: cli.serve.listen.clone(),
             database_url: cli.database_url.clone(),
             pool: cli.database.pool(),
             token_ttl: Duration::from_secs(cli.token_ttl_secs),
@@ -110,9 +104,7 @@ impl TryFrom<&Cli> for Config {
                 iterations: cli.argon2_iterations,
                 parallelism: 1,
             },
-            drain: cli.serve.drain(),
-            tls: cli.serve.tls()?,
-            max_in_flight: cli.serve.max_in_flight(),
+            serve: cli.serve.options(SERVICE_NAME, ERROR_DOMAIN)?,
             cache_entries: cli.database.cache_entries()?,
             clock: platform::clock::system(),
             limits: AbuseLimits {

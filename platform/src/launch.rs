@@ -5,9 +5,15 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+
+use crate::rpc::ServeOptions;
 use crate::tls::ServerTls;
 
 /// What a binary tells [`main`].
@@ -18,31 +24,93 @@ pub trait Server {
     const SERVICE: &'static str;
     /// What its flags' environment variables start with (`DIRECTORY`: `DIRECTORY_LISTEN`).
     const ENV_PREFIX: &'static str;
+    /// `--listen`'s default.
+    const DEFAULT_LISTEN: &'static str;
     type Cli: clap::Parser;
-    type Config;
-    /// `--listen`.
-    fn listen(cli: &Self::Cli) -> &str;
+    /// Made from the flags, checking what they alone cannot.
+    type Config: for<'a> TryFrom<&'a Self::Cli, Error = anyhow::Error>;
+    /// The flags of [`ServeFlags`] within [`Self::Cli`].
     fn serve_flags(cli: &Self::Cli) -> &ServeFlags;
-    /// Checks the flags and makes the configuration.
-    fn config(cli: &Self::Cli) -> anyhow::Result<Self::Config>;
-    /// Builds the server and serves until a shutdown signal.
-    fn serve(config: Self::Config) -> impl Future<Output = anyhow::Result<()>>;
+    /// Binds the listener first (so that port 0 can be read back), then opens what the server
+    /// needs and makes its routes.
+    fn build(config: Self::Config) -> impl Future<Output = anyhow::Result<Ready>>;
 }
 
 /// A binary's whole `main`: parses its flags, then [`run`]s it on the runtime [`block_on`]
-/// builds.
+/// builds, serving until SIGTERM or Ctrl-C.
 pub fn main<S: Server>() -> ExitCode {
     block_on(async {
-        let cli = parse_flags::<S::Cli>(S::ENV_PREFIX);
-        let launch = S::serve_flags(&cli).launch(S::NAME, S::SERVICE, S::listen(&cli));
-        run(launch, S::config(&cli), S::serve).await
+        let cli = parse_flags::<S::Cli>(S::ENV_PREFIX, S::DEFAULT_LISTEN);
+        let launch = S::serve_flags(&cli).launch(S::NAME, S::SERVICE);
+        run(launch, S::Config::try_from(&cli), |config| async {
+            let ready = S::build(config).await?;
+            ready.run_until(crate::rpc::shutdown_signal()).await
+        })
+        .await
     })
+}
+
+/// Binds `listen` (HOST:PORT).
+pub async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))
+}
+
+/// A server bound to its address with its routes, ready to serve.
+pub struct Ready {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    routes: Routes,
+    options: ServeOptions,
+    close: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl std::fmt::Debug for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ready")
+            .field("local_addr", &self.local_addr)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ready {
+    /// `routes` served on `listener`; `close` runs once serving has ended (the database's
+    /// close: withdraw from the peers, release the SQLite file).
+    pub fn new(
+        listener: TcpListener,
+        routes: Routes,
+        options: ServeOptions,
+        close: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            local_addr: listener.local_addr()?,
+            listener,
+            routes,
+            options,
+            close: Box::pin(close),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then reports NOT_SERVING, stops accepting and
+    /// drains in-flight calls (at most the configured drain time), then closes.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let served = crate::rpc::serve(self.listener, self.routes, self.options, shutdown).await;
+        self.close.await;
+        served
+    }
 }
 
 /// Parses the command line; each long flag can also be given by the environment variable
 /// `PREFIX_FLAG` (`--db-max-connections` for directory-svc: `DIRECTORY_DB_MAX_CONNECTIONS`),
-/// which `--help` shows. Exits as clap does on a bad flag (2) or on `--help`.
-pub fn parse_flags<C: clap::Parser>(prefix: &str) -> C {
+/// which `--help` shows; `--listen` defaults to `default_listen`. Exits as clap does on a bad
+/// flag (2) or on `--help`.
+pub fn parse_flags<C: clap::Parser>(prefix: &str, default_listen: &'static str) -> C {
     let command = C::command().mut_args(|arg| {
         let env = arg
             .get_long()
@@ -54,12 +122,19 @@ pub fn parse_flags<C: clap::Parser>(prefix: &str) -> C {
             None => arg,
         }
     });
+    let command = command.mut_arg("listen", |arg| {
+        arg.default_value(default_listen).required(false)
+    });
     C::from_arg_matches(&command.get_matches()).unwrap_or_else(|err| err.exit())
 }
 
 /// The flags of serving that both binaries have.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeFlags {
+    /// Address to listen on for gRPC: HOST:PORT (a name or an IP; port 0 picks a free port).
+    #[arg(long)]
+    pub listen: String,
+
     /// How long SIGTERM waits for in-flight calls before exiting anyway, in seconds.
     #[arg(long, default_value_t = 20)]
     pub drain_secs: u64,
@@ -101,39 +176,36 @@ pub enum LogFormat {
 }
 
 impl ServeFlags {
-    /// The process-level settings of a binary named `name` serving `service` at `listen`.
-    pub fn launch<'a>(
-        &self,
-        name: &'static str,
-        service: &'static str,
-        listen: &'a str,
-    ) -> Launch<'a> {
+    /// The process-level settings of a binary named `name` serving `service`.
+    pub fn launch(&self, name: &'static str, service: &'static str) -> Launch<'_> {
         Launch {
             name,
             service,
-            listen,
+            listen: &self.listen,
             health_probe: self.health_probe,
             json_logs: self.log_format == LogFormat::Json,
             metrics_listen: self.metrics_listen,
         }
     }
 
-    pub fn drain(&self) -> Duration {
-        Duration::from_secs(self.drain_secs)
-    }
-
-    pub fn max_in_flight(&self) -> usize {
-        self.max_in_flight as usize
-    }
-
-    /// The server's TLS settings from the files named (they must exist and make a valid
-    /// identity); `None` for plaintext.
-    pub fn tls(&self) -> anyhow::Result<Option<ServerTls>> {
-        ServerTls::from_files(
-            self.tls_cert.as_deref(),
-            self.tls_key.as_deref(),
-            self.tls_client_ca.as_deref(),
-        )
+    /// How the server runs, from these flags: `--listen` must be HOST:PORT, and the files
+    /// named must exist and make a valid TLS identity.
+    pub fn options(
+        &self,
+        service_name: &'static str,
+        error_domain: &'static str,
+    ) -> anyhow::Result<ServeOptions> {
+        check_listen(&self.listen)?;
+        Ok(ServeOptions {
+            drain: Duration::from_secs(self.drain_secs),
+            tls: ServerTls::from_files(
+                self.tls_cert.as_deref(),
+                self.tls_key.as_deref(),
+                self.tls_client_ca.as_deref(),
+            )?,
+            max_in_flight: self.max_in_flight as usize,
+            ..ServeOptions::new(service_name, error_domain)
+        })
     }
 }
 

@@ -60,6 +60,19 @@ pub fn refusal(refusal: &Refusal) -> (Code, &'static str, Vec<Violation>) {
     }
 }
 
+/// The code and reason of a database that cannot be reached now (the caller may retry);
+/// the cause is logged, never sent.
+pub fn database_unavailable(source: &anyhow::Error) -> (Code, &'static str, Vec<Violation>) {
+    tracing::warn!(error = format!("{source:#}"), "database unavailable");
+    (Code::Unavailable, "DATABASE_UNAVAILABLE", vec![])
+}
+
+/// The code and reason of an internal error; the cause is logged, never sent.
+pub fn internal(source: &anyhow::Error) -> (Code, &'static str, Vec<Violation>) {
+    tracing::error!(error = format!("{source:#}"), "internal error");
+    (Code::Internal, "INTERNAL", vec![])
+}
+
 /// RESOURCE_EXHAUSTED with `ErrorInfo` and `RetryInfo` (when to try again).
 pub fn throttled(
     domain: &str,
@@ -75,6 +88,9 @@ pub fn throttled(
     details.set_retry_info(Some(retry));
     Status::with_error_details(Code::ResourceExhausted, message, details)
 }
+
+/// Largest request a server decodes (both services: 1 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// The encodings both servers accept compressed requests in and compress answers with (when
 /// the caller lists one in `grpc-accept-encoding`): all that tonic implements.
@@ -101,9 +117,13 @@ pub fn reply<T: prost::Message>(message: T) -> tonic::Response<T> {
 }
 
 /// When the caller's deadline (its `grpc-timeout`) runs out, counted from the moment the call
-/// reached the server. The layer puts it in the request's extensions when the caller sent one.
+/// reached the server, less a millisecond (tokio's timer tick, so that it fires before tonic's).
+/// The layer puts it in the request's extensions when the caller sent one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline(pub Instant);
+
+/// How much earlier than tonic's timer ours fires (tokio's timer resolution).
+const TIMER_TICK: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The message of the DEADLINE_EXCEEDED a call gets when its deadline passes on the server.
 const DEADLINE_PASSED: &str = "the caller's deadline passed before the call completed";
@@ -530,14 +550,19 @@ where
         );
         request.extensions_mut().insert(trace);
         request.extensions_mut().insert(RequestId(id.clone()));
-        // The caller's deadline, counted from now: before tonic's own timer (which wraps this
-        // layer, starts after it and answers CANCELLED without details), so ours fires first.
+        // The caller's deadline, counted from now, less a millisecond: tonic's own timer
+        // (which wraps this layer and answers CANCELLED without details) starts just after
+        // ours, and tokio's timers tick in milliseconds. Were both in the same tick, tonic's
+        // could be found elapsed when it is first polled while ours, registered a moment
+        // earlier, waits for the timer driver's next turn (seen with 1 ns deadlines on a
+        // loaded machine). A tick earlier, tonic's wins only if the thread stalls for more
+        // than a tick between polling ours and polling it.
         let deadline = request
             .headers()
             .get(&GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
-            .and_then(|timeout| Instant::now().checked_add(timeout));
+            .and_then(|timeout| Instant::now().checked_add(timeout.saturating_sub(TIMER_TICK)));
         if let Some(at) = deadline {
             request.extensions_mut().insert(Deadline(at));
         }
@@ -684,6 +709,20 @@ pub struct ServeOptions {
     pub error_domain: &'static str,
     /// Calls in flight beyond this are answered RESOURCE_EXHAUSTED at once (health excepted).
     pub max_in_flight: usize,
+}
+
+impl ServeOptions {
+    /// The defaults of the flags ([`crate::launch::ServeFlags`]): 20 s of drain, plaintext,
+    /// 1,024 calls in flight.
+    pub fn new(service_name: &'static str, error_domain: &'static str) -> Self {
+        Self {
+            service_name,
+            drain: std::time::Duration::from_secs(20),
+            tls: None,
+            error_domain,
+            max_in_flight: 1024,
+        }
+    }
 }
 
 /// Serves `routes` (plus health and reflection) on `listener` until `shutdown` completes, then

@@ -10,6 +10,9 @@ use crate::cache::{Invalidate, Lease};
 use crate::db::{Engine, Ownership, PoolSettings};
 use crate::peers::Peers;
 
+/// A cache's parts that another replica's writes invalidate, by the kind of row they hold.
+pub type PeerCaches = Vec<(String, Arc<dyn Invalidate>)>;
+
 pub struct Database {
     pub pool: AnyPool,
     pub engine: Engine,
@@ -46,21 +49,29 @@ impl Database {
         })
     }
 
-    /// Whether a cache of `entries` may stand in front of the store, and under which lease:
-    /// `Some(None)` when this process owns its SQLite file (every write passes through it),
-    /// `Some(Some(lease))` on PostgreSQL (the cache answers while the lease holds), `None`
-    /// for no cache.
-    pub fn cache_lease(&self, entries: usize) -> Option<Option<Arc<Lease>>> {
+    /// Puts a cache of `entries` in front of `store` where one may stand, and starts the peer
+    /// protocol (PostgreSQL) for the caches a peer's write invalidates. A cache stands when
+    /// this process owns its SQLite file (every write passes through it; no lease) or on
+    /// PostgreSQL (it answers while its lease holds); `cache` builds it from the store, the
+    /// entries and the lease, and names its caches. Without a cache this process still fences
+    /// its own writes on PostgreSQL.
+    pub fn cache_in_front<S: ?Sized>(
+        &self,
+        store: Arc<S>,
+        entries: usize,
+        cache: impl FnOnce(Arc<S>, usize, Option<Arc<Lease>>) -> (Arc<S>, PeerCaches),
+    ) -> Arc<S> {
         let lease = self.peers.as_ref().map(|peers| peers.lease());
-        (entries > 0 && (self.ownership.is_some() || lease.is_some())).then_some(lease)
-    }
-
-    /// Starts the peer protocol (PostgreSQL) for `caches`, the ones a peer's write
-    /// invalidates (empty: this process only fences its own writes).
-    pub fn start_peers(&self, caches: Vec<(String, Arc<dyn Invalidate>)>) {
+        let caching = entries > 0 && (self.ownership.is_some() || lease.is_some());
+        let (store, caches) = if caching {
+            cache(store, entries, lease)
+        } else {
+            (store, Vec::new())
+        };
         if let Some(peers) = &self.peers {
             peers.start(caches);
         }
+        store
     }
 
     /// After serving: withdraws from the peer protocol (writers need not wait out this

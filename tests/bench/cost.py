@@ -9,7 +9,7 @@ generator itself. Dividing by the requests served gives microseconds of CPU per 
 figure that bounds throughput on a machine whose cores are all busy: with 2 cores, at most
 2,000,000 / (sum of the columns) requests per second.
 
-  cargo build --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen
+  cargo build --release --bin directory-svc --bin billing-svc --bin loadgen
   python3 tests/bench/cost.py [--backends sqlite,postgres] [--scenarios health,get-subscription]
                               [--rate N] [--duration 5]
 """

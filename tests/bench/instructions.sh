@@ -7,7 +7,7 @@
 #
 # RELEASE_DIR holds directory-svc, billing-svc and loadgen (a release build; to compare a
 # commit, build it in a worktree: `git worktree add ../base REV && (cd ../base && cargo build
-# --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen)`).
+# --release --bin directory-svc --bin billing-svc --bin loadgen)`).
 # SCENARIO: a loadgen scenario. Directory scenarios (authorize, get-user, whoami...) count
 # directory-svc; billing scenarios (get-subscription, create-subscription...) count
 # billing-svc, with directory-svc running natively behind it. SQLite, argon2 at its cheapest

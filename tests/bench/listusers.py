@@ -8,7 +8,7 @@ the load and before the service starts, the new rows are vacuumed (PostgreSQL) a
 synced, as after any bulk load: otherwise the run measures autovacuum and writeback.
 Prints a Markdown table with each size's cost relative to the smallest (c=1 requests/s).
 
-  cargo build --release -p directory-svc -p integration-tests --bin loadgen
+  cargo build --release --bin directory-svc --bin loadgen
   python3 tests/bench/listusers.py [--sizes 1000,1000000] [--backends sqlite,postgres] [--duration 5]
 """
 import argparse, os, shutil, subprocess, sys, tempfile, time, uuid

@@ -9,7 +9,7 @@ baseline measured in the same run, and the share of the machine's CPU time the h
 stole during each run (`steal`: on a shared VM, a run with high steal measures the neighbours).
 Raw results go to target/bench/results-<backend>.json.
 
-  cargo build --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen
+  cargo build --release --bin directory-svc --bin billing-svc --bin loadgen
   python3 tests/bench/run.py [--duration 5] [--warmup 1] [--backends sqlite,postgres]
 """
 import argparse, contextlib, json, os, shutil, subprocess, sys, tempfile, time, uuid

@@ -6,7 +6,7 @@ with --backend postgres), then runs several loadgen processes at once, each an o
 scenario at a fixed rate, for --minutes, while sampling each service's RSS every 10 s.
 Prints the loadgen reports and the RSS series as Markdown.
 
-  cargo build --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen
+  cargo build --release --bin directory-svc --bin billing-svc --bin loadgen
   python3 tests/bench/soak.py --minutes 10
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile, threading, time, uuid

@@ -17,7 +17,7 @@ stolen slice stalls whatever held the core, for milliseconds, so runs with steal
 STEAL_LIMIT_PCT measure the neighbours rather than the code: the table gives the median of all
 runs and, separately, of the runs under that limit.
 
-  cargo build --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen
+  cargo build --release --bin directory-svc --bin billing-svc --bin loadgen
   python3 tests/bench/tail.py [--rounds 5] [--duration 5] [--backends sqlite,postgres]
                               [--closed-runs 3]
 """

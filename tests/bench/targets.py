@@ -7,7 +7,7 @@ tests/bench/run.py does), then for each target scenario alternates `health` and 
 at concurrency 64, --pairs times, and reports each pair's ratio, their median, and the share
 of the CPU the hypervisor stole during each run (`steal`; see run.py).
 
-  cargo build --release -p directory-svc -p billing-svc -p integration-tests --bin loadgen
+  cargo build --release --bin directory-svc --bin billing-svc --bin loadgen
   python3 tests/bench/targets.py [--pairs 3] [--duration 5] [--backends sqlite,postgres]
 """
 import argparse, os, statistics, sys

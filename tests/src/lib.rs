@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use contract::directory::v1 as dpb;
 use contract::directory::v1::directory_service_client::DirectoryServiceClient;
+use platform::launch::Server as _;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -285,7 +286,7 @@ pub fn directory_config(db: &TestDb) -> directory_svc::Config {
         iterations: 1,
         parallelism: 1,
     };
-    config.drain = Duration::from_secs(5);
+    config.serve.drain = Duration::from_secs(5);
     // Tests make many calls from one address; the abuse limits have tests of their own.
     config.limits = directory_svc::domain::AbuseLimits {
         signin_failures_per_upn_per_minute: 0,
@@ -454,7 +455,7 @@ impl std::ops::Deref for BillingServer {
 /// Test settings for billing-svc talking to `directory_url`.
 pub fn billing_config(db: &TestDb, directory_url: &str) -> billing_svc::Config {
     let mut config = billing_svc::Config::new("127.0.0.1:0", db.url.clone(), directory_url);
-    config.drain = Duration::from_secs(5);
+    config.serve.drain = Duration::from_secs(5);
     config
 }
 

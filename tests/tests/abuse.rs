@@ -208,7 +208,7 @@ async fn sign_in_and_sign_up_are_throttled_per_peer(backend: Backend) {
 async fn overload_is_shed_at_once_instead_of_queued(backend: Backend) {
     let db = db_or_skip!(backend);
     let mut config = directory_config(&db);
-    config.max_in_flight = 2;
+    config.serve.max_in_flight = 2;
     // Expensive hashing, so sign-ins stay in flight long enough to pile up.
     config.argon2 = directory_svc::domain::passwords::Argon2Cost {
         memory_kib: 32 * 1024,

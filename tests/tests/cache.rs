@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use integration_tests::contract::billing::v1 as bpb;
 use integration_tests::contract::directory::v1 as dpb;
+use integration_tests::platform::launch::Server as _;
 use integration_tests::*;
 use tokio::task::JoinHandle;
 use tonic::Code;
@@ -260,16 +261,14 @@ async fn one_process_owns_an_sqlite_file() {
 
     let refused = directory_svc::Application::build(directory_config(&ddb))
         .await
-        .err()
-        .expect("a second directory-svc on the same file refuses to start");
+        .expect_err("a second directory-svc on the same file refuses to start");
     assert!(
         format!("{refused:#}").contains("another process is using the database"),
         "{refused:#}"
     );
     let refused = billing_svc::Application::build(billing_config(&bdb, &directory.url()))
         .await
-        .err()
-        .expect("a second billing-svc on the same file refuses to start");
+        .expect_err("a second billing-svc on the same file refuses to start");
     assert!(
         format!("{refused:#}").contains("another process is using the database"),
         "{refused:#}"

@@ -50,6 +50,29 @@ async fn sql(url: &str, statement: &str) -> u64 {
         .rows_affected()
 }
 
+/// Waits until `holders` replicas have registered their leases (a replica registers in the
+/// background once it has started; until then it answers from the database).
+async fn leases_held(url: &str, holders: i64) {
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .expect("connect to the test database");
+    let started = Instant::now();
+    loop {
+        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_holders")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count holders");
+        if held >= holders {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{held} of {holders} replicas registered after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Calls `call` until it answers anything but UNAVAILABLE (a replica whose pooled connections
 /// were just dropped may answer UNAVAILABLE once per call path).
 macro_rules! through_unavailable {
@@ -77,6 +100,7 @@ async fn a_role_change_on_one_replica_applies_to_the_next_call_on_another() {
     let (mut on_a, mut on_b) = (a.client().await, b.client().await);
     let tenant = sign_up(&mut on_a, "adatum").await;
     let (buyer, token) = add_user(&mut on_a, &tenant, "buyer", &[]).await;
+    leases_held(&db.url, 2).await;
 
     // B answers from memory: a change made behind the services' back is not seen there...
     assert_eq!(whoami_name(&mut on_b, &token).await, "buyer");

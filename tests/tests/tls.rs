@@ -89,7 +89,7 @@ async fn tls_serves_only_tls_clients() {
     let pki = pki();
     let db = TestDb::sqlite();
     let mut config = directory_config(&db);
-    config.tls = Some(server_tls(&pki, false));
+    config.serve.tls = Some(server_tls(&pki, false));
     let server = DirectoryServer::start_with(config).await;
 
     let channel = tls_channel(server.addr, &pki, None)
@@ -115,7 +115,7 @@ async fn mutual_tls_needs_a_client_certificate_from_the_trusted_ca() {
     let pki = pki();
     let db = TestDb::sqlite();
     let mut config = directory_config(&db);
-    config.tls = Some(server_tls(&pki, true));
+    config.serve.tls = Some(server_tls(&pki, true));
     let server = DirectoryServer::start_with(config).await;
 
     let trusted = tls_channel(server.addr, &pki, Some(&pki.client))
@@ -143,7 +143,7 @@ async fn billing_reaches_the_directory_over_mutual_tls_and_serves_tls_itself() {
     let ddb = TestDb::sqlite();
     let bdb = TestDb::sqlite();
     let mut dconfig = directory_config(&ddb);
-    dconfig.tls = Some(server_tls(&pki, true));
+    dconfig.serve.tls = Some(server_tls(&pki, true));
     let directory = DirectoryServer::start_with(dconfig).await;
 
     let mut bconfig = billing_config(
@@ -157,7 +157,7 @@ async fn billing_reaches_the_directory_over_mutual_tls_and_serves_tls_itself() {
             pki.client.1.clone().into_bytes(),
         )),
     });
-    bconfig.tls = Some(server_tls(&pki, false));
+    bconfig.serve.tls = Some(server_tls(&pki, false));
     let billing = BillingServer::start_with(bconfig).await;
 
     let mut dir = dpb::directory_service_client::DirectoryServiceClient::new(

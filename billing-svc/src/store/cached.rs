@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use storage::cache::{Invalidate, Lease, OwnedCache};
+use storage::database::PeerCaches;
 
 use super::{BillingStore, StoreError};
 use crate::domain::model::Subscription;
@@ -24,21 +25,25 @@ pub struct CachedStore {
 
 impl CachedStore {
     /// Caches up to `entries` subscriptions in front of `inner`; with a `lease` (PostgreSQL),
-    /// only while it is valid: register [`CachedStore::peer_caches`] with the peers that hold
-    /// it.
-    pub fn new(inner: Arc<dyn BillingStore>, entries: usize, lease: Option<Arc<Lease>>) -> Self {
-        Self {
-            inner,
-            subscriptions: Arc::new(OwnedCache::with_lease(entries, lease)),
-        }
-    }
-
-    /// The caches another replica's writes invalidate, by kind.
-    pub fn peer_caches(&self) -> Vec<(String, Arc<dyn Invalidate>)> {
-        vec![(
+    /// only while it is valid. Returns the store and the cache another replica's writes
+    /// invalidate (`storage::database::Database::cache_in_front` registers it).
+    pub fn in_front(
+        inner: Arc<dyn BillingStore>,
+        entries: usize,
+        lease: Option<Arc<Lease>>,
+    ) -> (Arc<dyn BillingStore>, PeerCaches) {
+        let subscriptions = Arc::new(OwnedCache::with_lease(entries, lease));
+        let caches: PeerCaches = vec![(
             super::sql::SUBSCRIPTIONS.to_owned(),
-            self.subscriptions.clone() as Arc<dyn Invalidate>,
-        )]
+            subscriptions.clone() as Arc<dyn Invalidate>,
+        )];
+        (
+            Arc::new(Self {
+                inner,
+                subscriptions,
+            }),
+            caches,
+        )
     }
 }
 

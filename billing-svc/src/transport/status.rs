@@ -18,14 +18,8 @@ pub fn to_status(err: Error) -> Status {
         Error::RequestIdReused => (Code::FailedPrecondition, "REQUEST_ID_REUSED", vec![]),
         Error::DirectoryUnavailable => (Code::Unavailable, "DIRECTORY_UNAVAILABLE", vec![]),
         Error::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED", vec![]),
-        Error::Unavailable(source) => {
-            tracing::warn!(error = format!("{source:#}"), "database unavailable");
-            (Code::Unavailable, "DATABASE_UNAVAILABLE", vec![])
-        }
-        Error::Internal(source) => {
-            tracing::error!(error = format!("{source:#}"), "internal error");
-            (Code::Internal, "INTERNAL", vec![])
-        }
+        Error::Unavailable(source) => platform::rpc::database_unavailable(source),
+        Error::Internal(source) => platform::rpc::internal(source),
     };
     status(ERROR_DOMAIN, code, reason, message, &violations)
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use storage::cache::{Invalidate, Lease, OwnedCache};
+use storage::database::PeerCaches;
 
 use super::{Actor, DirectoryStore, StoreError};
 use crate::domain::model::{Directory, User};
@@ -28,29 +29,33 @@ pub struct CachedStore {
 
 impl CachedStore {
     /// Caches up to `entries` users and as many directories in front of `inner`; with a
-    /// `lease` (PostgreSQL), only while it is valid: register [`CachedStore::peer_caches`] with
-    /// the peers that hold it.
-    pub fn new(inner: Arc<dyn DirectoryStore>, entries: usize, lease: Option<Arc<Lease>>) -> Self {
-        Self {
-            inner,
-            users: Arc::new(OwnedCache::with_lease(entries, lease.clone())),
-            directories: Arc::new(OwnedCache::with_lease(entries, lease)),
-        }
-    }
-
-    /// The caches another replica's writes invalidate, by kind.
-    pub fn peer_caches(&self) -> Vec<(String, Arc<dyn Invalidate>)> {
-        vec![
+    /// `lease` (PostgreSQL), only while it is valid. Returns the store and the caches another
+    /// replica's writes invalidate (`storage::database::Database::cache_in_front` registers
+    /// them).
+    pub fn in_front(
+        inner: Arc<dyn DirectoryStore>,
+        entries: usize,
+        lease: Option<Arc<Lease>>,
+    ) -> (Arc<dyn DirectoryStore>, PeerCaches) {
+        let users = Arc::new(OwnedCache::with_lease(entries, lease.clone()));
+        let directories = Arc::new(OwnedCache::with_lease(entries, lease));
+        let caches: PeerCaches = vec![
             (
                 super::sql::USERS.to_owned(),
-                self.users.clone() as Arc<dyn Invalidate>,
+                users.clone() as Arc<dyn Invalidate>,
             ),
             // Directory rows never change; listed so a new lease starts them empty too.
             (
                 "directories".to_owned(),
-                self.directories.clone() as Arc<dyn Invalidate>,
+                directories.clone() as Arc<dyn Invalidate>,
             ),
-        ]
+        ];
+        let store = Self {
+            inner,
+            users,
+            directories,
+        };
+        (Arc::new(store), caches)
     }
 }
 
