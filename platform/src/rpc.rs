@@ -392,6 +392,10 @@ struct CallFacts<'a> {
 
 /// For an error tonic produced itself (no details): the code, ErrorInfo reason and message to
 /// send. The message keeps the real cause: the method, the encoding, the decoder's words.
+/// Tonic hands the layer these errors as an HTTP answer carrying only a code and a message,
+/// so each is told apart by its code and the facts of the call (which encoding the request
+/// named, what tonic lists as accepted), never by the message's words; only the field a
+/// decode error names is read from prost's message, which has no other form.
 fn framework_error(
     code: Code,
     message: &str,
@@ -409,7 +413,8 @@ fn framework_error(
             "MESSAGE_TOO_LARGE",
             with_cause("the request message is larger than the server accepts"),
         ),
-        Code::OutOfRange if message.contains("too large") => (
+        // A request over the decoding limit (tonic's only OUT_OF_RANGE for a request).
+        Code::OutOfRange => (
             Code::ResourceExhausted,
             "MESSAGE_TOO_LARGE",
             with_cause("the request message is larger than the server accepts"),

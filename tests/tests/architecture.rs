@@ -4,7 +4,9 @@
 //! - a service's domain names no tonic, prost or sqlx item, nor the server plumbing
 //!   (`platform::rpc`) or the storage crate: it owns its ports (store traits, `Authorizer`);
 //! - SQL appears only in the services' stores and in the `storage` crate;
-//! - no two modules of a crate import each other.
+//! - no two modules of a crate import each other;
+//! - neither the services, the shared crates nor the load generator drive HTTP/2 by hand:
+//!   none depends on `h2` or names it (tests may, to send malformed frames).
 //!
 //! A violation that must stay for a while is listed in [`KNOWN`] with its reason; the test
 //! fails on any violation not listed, and on a listed one that is gone, so the list only
@@ -70,7 +72,46 @@ fn read_tree(root: &Path) -> Tree {
             files.insert("Cargo.toml".to_owned(), manifest);
             ((*name).to_owned(), files)
         })
+        .chain(std::iter::once((
+            "loadgen".to_owned(),
+            load_generator(root),
+        )))
         .collect()
+}
+
+/// The load generator's sources (in the tests crate, whose manifest may name `h2` for the
+/// raw-frame tests; the load generator's code may not).
+fn load_generator(root: &Path) -> BTreeMap<String, String> {
+    let tests = root.join("tests");
+    let mut files = BTreeMap::new();
+    for dir in ["src/loadgen", "src/bin"] {
+        let Ok(entries) = std::fs::read_dir(tests.join(dir)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("readable source");
+                let name = path.file_name().expect("a file").to_string_lossy();
+                files.insert(format!("{dir}/{name}"), text);
+            }
+        }
+    }
+    assert!(
+        files.contains_key("src/bin/loadgen.rs"),
+        "the load generator is at tests/src/bin/loadgen.rs"
+    );
+    files
+}
+
+/// Whether `line` names the `h2` crate (`h2::`, not `sha2::` or `http2::`).
+fn names_h2(line: &str) -> bool {
+    line.match_indices("h2::").any(|(i, _)| {
+        !line[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
 }
 
 /// The code of a file without its comments (line comments and doc comments), so a doc link
@@ -129,12 +170,21 @@ fn check(tree: &Tree) -> BTreeSet<String> {
                 }
             }
         }
+        let manifest = files.get("Cargo.toml").map_or("", String::as_str);
+        if dependencies(manifest).contains("h2") {
+            found.insert(format!("{krate}: depends on h2"));
+        }
         let mut imports: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (path, text) in files.iter().filter(|(p, _)| p.ends_with(".rs")) {
             let module = module_of(path);
             let in_domain = module.as_deref() == Some("domain");
-            let may_hold_sql = krate == "storage" || module.as_deref() == Some("store");
+            // The load generator's fixtures bulk-load rows: bench tooling, not a service.
+            let may_hold_sql = matches!(krate.as_str(), "storage" | "loadgen")
+                || module.as_deref() == Some("store");
             for line in code_lines(text) {
+                if names_h2(line) {
+                    found.insert(format!("{krate}: drives h2 in {path}"));
+                }
                 if in_domain {
                     for banned in ["tonic", "prost", "sqlx", "storage", "platform::rpc"] {
                         if line.contains(&format!("{banned}::")) {
@@ -206,7 +256,7 @@ fn the_checker_catches_each_kind_of_violation() {
                 ),
                 file(
                     "src/store/sql.rs",
-                    "use crate::domain::Y;\nconst Q: &str = \"SELECT 1\";\n",
+                    "use crate::domain::Y;\nuse sha2::Sha256;\nconst Q: &str = \"SELECT 1\";\n",
                 ),
                 file("src/model.rs", "/// see [`crate::domain`]\npub struct X;\n"),
             ]
@@ -232,6 +282,14 @@ fn the_checker_catches_each_kind_of_violation() {
         "const Q: &str = \"DELETE FROM users\";\n".into(),
     );
     svc.insert("src/model.rs".into(), "use crate::domain::Z;\n".into());
+    svc.insert(
+        "Cargo.toml".into(),
+        "[dependencies]\nh2.workspace = true\n".into(),
+    );
+    svc.insert(
+        "src/client.rs".into(),
+        "let (c, conn) = h2::client::handshake(io).await?;\n".into(),
+    );
     let found = check(&broken);
     let expected: BTreeSet<String> = [
         "proto: depends on sqlx",
@@ -240,6 +298,8 @@ fn the_checker_catches_each_kind_of_violation() {
         "svc: domain names tonic in src/domain/error.rs",
         "svc: SQL outside the store in src/transport/mod.rs",
         "svc: modules domain and model import each other",
+        "svc: depends on h2",
+        "svc: drives h2 in src/client.rs",
     ]
     .into_iter()
     .map(str::to_owned)
