@@ -113,8 +113,13 @@ async fn metrics_logs_request_ids_and_traces() {
         sample(&b, "billing_purchase_commit_seconds_count").unwrap_or(0.0) >= 1.0,
         "{b}"
     );
-    tokio::time::sleep(Duration::from_millis(2200)).await; // the pool gauges tick every 2 s
-    let b = scrape(bport);
+    // The pool gauges are read every 2 s: wait for the first reading.
+    let started = std::time::Instant::now();
+    let mut b = scrape(bport);
+    while sample(&b, "db_pool_max_connections").is_none() && started.elapsed().as_secs() < 10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b = scrape(bport);
+    }
     assert!(
         sample(&b, "db_pool_max_connections").unwrap_or(0.0) >= 1.0,
         "{b}"
@@ -122,25 +127,10 @@ async fn metrics_logs_request_ids_and_traces() {
     assert!(b.contains("db_pool_connections{state=\"idle\"}"), "{b}");
 
     // Logs: JSON lines; the purchase's span carries the caller's request id, trace id and
-    // directory in billing and in the directory's Authorize.
-    let find = |logs: &[String], method: &str| -> serde_json::Value {
-        logs.iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| {
-                v["fields"]["message"] == "rpc finished"
-                    && v["span"]["method"] == method
-                    && v["span"]["request_id"] == "purchase-42"
-            })
-            .unwrap_or_else(|| panic!("no finished {method} with the request id in {logs:#?}"))
-    };
-    let billing_line = find(
-        &billing.logs(),
-        "/billing.v1.BillingService/CreateSubscription",
-    );
-    let directory_line = find(
-        &directory.logs(),
-        "/directory.v1.DirectoryService/Authorize",
-    );
+    // directory in billing and in the directory's Authorize (lines reach the log in batches:
+    // wait for them, a few seconds at most).
+    let billing_line = logged(&billing, "/billing.v1.BillingService/CreateSubscription").await;
+    let directory_line = logged(&directory, "/directory.v1.DirectoryService/Authorize").await;
     for line in [&billing_line, &directory_line] {
         assert_eq!(line["span"]["trace_id"], trace_id, "{line}");
         assert_eq!(
@@ -156,6 +146,31 @@ async fn metrics_logs_request_ids_and_traces() {
     for line in directory.logs().iter().chain(billing.logs().iter()) {
         assert!(!line.contains(PASSWORD), "password in log: {line}");
         assert!(!line.contains(&tenant.token), "token in log: {line}");
+    }
+}
+
+/// The "rpc finished" line of `method` for the call with request id `purchase-42` in `p`'s
+/// log, once it is there (10 s at most).
+async fn logged(p: &Proc, method: &str) -> serde_json::Value {
+    let started = std::time::Instant::now();
+    loop {
+        let logs = p.logs();
+        let line = logs
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| {
+                v["fields"]["message"] == "rpc finished"
+                    && v["span"]["method"] == method
+                    && v["span"]["request_id"] == "purchase-42"
+            });
+        if let Some(line) = line {
+            return line;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no finished {method} with the request id in {logs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
