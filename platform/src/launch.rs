@@ -39,15 +39,8 @@ pub trait Server {
 /// A binary's whole `main`: parses its flags, then [`run`]s it on the runtime [`block_on`]
 /// builds, serving until SIGTERM or Ctrl-C.
 pub fn main<S: Server>() -> ExitCode {
-    block_on(async {
-        let cli = parse_flags::<S::Cli>(S::ENV_PREFIX, S::DEFAULT_LISTEN);
-        let launch = S::serve_flags(&cli).launch(S::NAME, S::SERVICE);
-        run(launch, S::Config::try_from(&cli), |config| async {
-            let ready = S::build(config).await?;
-            ready.run_until(crate::rpc::shutdown_signal()).await
-        })
-        .await
-    })
+    let cli = parse_flags::<S::Cli>(S::ENV_PREFIX, S::DEFAULT_LISTEN);
+    block_on(run::<S>(&cli))
 }
 
 /// Binds `listen` (HOST:PORT).
@@ -110,7 +103,7 @@ impl Ready {
 /// `PREFIX_FLAG` (`--db-max-connections` for directory-svc: `DIRECTORY_DB_MAX_CONNECTIONS`),
 /// which `--help` shows; `--listen` defaults to `default_listen`. Exits as clap does on a bad
 /// flag (2) or on `--help`.
-pub fn parse_flags<C: clap::Parser>(prefix: &str, default_listen: &'static str) -> C {
+fn parse_flags<C: clap::Parser>(prefix: &str, default_listen: &'static str) -> C {
     let command = C::command().mut_args(|arg| {
         let env = arg
             .get_long()
@@ -176,18 +169,6 @@ pub enum LogFormat {
 }
 
 impl ServeFlags {
-    /// The process-level settings of a binary named `name` serving `service`.
-    pub fn launch(&self, name: &'static str, service: &'static str) -> Launch<'_> {
-        Launch {
-            name,
-            service,
-            listen: &self.listen,
-            health_probe: self.health_probe,
-            json_logs: self.log_format == LogFormat::Json,
-            metrics_listen: self.metrics_listen,
-        }
-    }
-
     /// How the server runs, from these flags: `--listen` must be HOST:PORT, and the files
     /// named must exist and make a valid TLS identity.
     pub fn options(
@@ -210,21 +191,7 @@ impl ServeFlags {
 }
 
 /// Exit code for an invalid configuration (as clap uses for bad flags).
-pub const EXIT_CONFIG: u8 = 2;
-
-/// The process-level settings every binary has.
-#[derive(Debug)]
-pub struct Launch<'a> {
-    /// The binary's name, for messages.
-    pub name: &'static str,
-    /// The full gRPC service name, for the health probe.
-    pub service: &'static str,
-    /// `--listen`, for the health probe.
-    pub listen: &'a str,
-    pub health_probe: bool,
-    pub json_logs: bool,
-    pub metrics_listen: Option<SocketAddr>,
-}
+const EXIT_CONFIG: u8 = 2;
 
 /// How the runtime both services run on is built: tokio's multi-threaded scheduler, one
 /// worker per CPU, without the "LIFO slot". With it, a task woken or spawned by a running task
@@ -249,7 +216,7 @@ fn runtime() -> tokio::runtime::Builder {
 
 /// A binary's `main`: runs `serve` on the runtime `runtime` builds and exits with its code
 /// (1 if the runtime cannot start).
-pub fn block_on(serve: impl Future<Output = ExitCode>) -> ExitCode {
+fn block_on(serve: impl Future<Output = ExitCode>) -> ExitCode {
     match runtime().build() {
         Ok(runtime) => runtime.block_on(serve),
         Err(err) => {
@@ -259,43 +226,38 @@ pub fn block_on(serve: impl Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
-/// Runs a binary: with `--health-probe` only probes; otherwise an invalid `config` exits 2
-/// with its message, and `serve` runs until shutdown (exit 0) or failure (exit 1).
-pub async fn run<C, F>(
-    launch: Launch<'_>,
-    config: anyhow::Result<C>,
-    serve: impl FnOnce(C) -> F,
-) -> ExitCode
-where
-    F: Future<Output = anyhow::Result<()>>,
-{
-    if launch.health_probe {
-        return match probe(launch.listen, launch.service).await {
+/// Runs a binary: with `--health-probe` only probes; otherwise an invalid configuration exits
+/// 2 with its message, and the server serves until shutdown (exit 0) or failure (exit 1).
+async fn run<S: Server>(cli: &S::Cli) -> ExitCode {
+    let flags = S::serve_flags(cli);
+    if flags.health_probe {
+        return match probe(&flags.listen, S::SERVICE).await {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => {
-                eprintln!("{}: {} is not serving", launch.name, launch.service);
+                eprintln!("{}: {} is not serving", S::NAME, S::SERVICE);
                 ExitCode::FAILURE
             }
             Err(err) => {
-                eprintln!("{}: health probe failed: {err:#}", launch.name);
+                eprintln!("{}: health probe failed: {err:#}", S::NAME);
                 ExitCode::FAILURE
             }
         };
     }
-    let config = match config {
+    let config = match S::Config::try_from(cli) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("{}: invalid configuration: {err:#}", launch.name);
+            eprintln!("{}: invalid configuration: {err:#}", S::NAME);
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let log = crate::telemetry::init_tracing(launch.json_logs);
+    let log = crate::telemetry::init_tracing(flags.log_format == LogFormat::Json);
     let running = async {
-        if let Some(addr) = launch.metrics_listen {
+        if let Some(addr) = flags.metrics_listen {
             crate::metrics::install(addr)?;
         }
         log.report_drops();
-        serve(config).await
+        let ready = S::build(config).await?;
+        ready.run_until(crate::rpc::shutdown_signal()).await
     };
     match running.await {
         Ok(()) => ExitCode::SUCCESS,
@@ -303,7 +265,7 @@ where
             tracing::error!(
                 error = format!("{err:#}"),
                 "{} stopped with an error",
-                launch.name
+                S::NAME
             );
             ExitCode::FAILURE
         }
@@ -311,7 +273,7 @@ where
 }
 
 /// `--listen` must be HOST:PORT with a numeric port.
-pub fn check_listen(listen: &str) -> anyhow::Result<()> {
+fn check_listen(listen: &str) -> anyhow::Result<()> {
     let (host, port) = listen
         .rsplit_once(':')
         .ok_or_else(|| anyhow::anyhow!("--listen {listen:?} must be HOST:PORT"))?;
@@ -323,7 +285,7 @@ pub fn check_listen(listen: &str) -> anyhow::Result<()> {
 
 /// Asks the server listening on `listen` (as given to `--listen`; a wildcard host means this
 /// machine) whether `service` is SERVING, within two seconds. For container health checks.
-pub async fn probe(listen: &str, service: &str) -> anyhow::Result<bool> {
+async fn probe(listen: &str, service: &str) -> anyhow::Result<bool> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;

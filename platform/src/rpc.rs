@@ -702,8 +702,8 @@ fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
     }
 }
 
-/// How a server runs: its service's full name (for health), its message size limit, and how
-/// long a shutdown waits for in-flight calls.
+/// How a server runs: its service's full name (for health), how long a shutdown waits for
+/// in-flight calls, TLS, the domain of its own errors, and how many calls may be in flight.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub service_name: &'static str,

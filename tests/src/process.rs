@@ -128,6 +128,27 @@ impl Proc {
         self.logs.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// The service's "rpc finished" log lines (JSON) once `enough` holds for them, or those
+    /// written after 10 s: lines reach the log in batches.
+    pub async fn finished_calls(
+        &self,
+        enough: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let started = std::time::Instant::now();
+        loop {
+            let lines: Vec<serde_json::Value> = self
+                .logs()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["fields"]["message"] == "rpc finished")
+                .collect();
+            if enough(&lines) || started.elapsed() > Duration::from_secs(10) {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// directory-svc on `database_url`, with argon2 at its cheapest.
     pub fn directory(database_url: &str) -> Self {
         Self::start(

@@ -150,28 +150,17 @@ async fn metrics_logs_request_ids_and_traces() {
 }
 
 /// The "rpc finished" line of `method` for the call with request id `purchase-42` in `p`'s
-/// log, once it is there (10 s at most).
+/// log, once it is there.
 async fn logged(p: &Proc, method: &str) -> serde_json::Value {
-    let started = std::time::Instant::now();
-    loop {
-        let logs = p.logs();
-        let line = logs
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| {
-                v["fields"]["message"] == "rpc finished"
-                    && v["span"]["method"] == method
-                    && v["span"]["request_id"] == "purchase-42"
-            });
-        if let Some(line) = line {
-            return line;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no finished {method} with the request id in {logs:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ours = |v: &&serde_json::Value| {
+        v["span"]["method"] == method && v["span"]["request_id"] == "purchase-42"
+    };
+    let lines = p.finished_calls(|l| l.iter().any(|v| ours(&v))).await;
+    lines
+        .iter()
+        .find(ours)
+        .cloned()
+        .unwrap_or_else(|| panic!("no finished {method} with the request id in {lines:#?}"))
 }
 
 /// A log sink that stops reading (a stalled collector, a full pipe) does not stall the

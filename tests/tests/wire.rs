@@ -285,25 +285,14 @@ async fn a_deadline_passing_on_the_server_is_deadline_exceeded_logged_and_counte
 
     // Logged: each with its method and code, as every call is. (Lines reach the log in
     // batches: wait for them, a few seconds at most.)
-    let logged = || {
-        directory
-            .logs()
+    let expired = |lines: &[serde_json::Value]| {
+        lines
             .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| {
-                v["fields"]["message"] == "rpc finished"
-                    && v["span"]["method"] == SIGN_IN
-                    && v["span"]["code"] == "DEADLINE_EXCEEDED"
-            })
+            .filter(|v| v["span"]["method"] == SIGN_IN && v["span"]["code"] == "DEADLINE_EXCEEDED")
             .count()
     };
-    for _ in 0..100 {
-        if logged() >= 40 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(logged(), 40, "every expired call has its log line");
+    let lines = directory.finished_calls(|l| expired(l) >= 40).await;
+    assert_eq!(expired(&lines), 40, "every expired call has its log line");
 }
 
 /// Billing spends the time the caller gives it: a few milliseconds are enough for a read, a
