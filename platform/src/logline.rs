@@ -4,13 +4,16 @@
 //! integer formats. Every call writes an access line, so that showed in the profile of every
 //! call. [`PlainFull`] writes the same bytes without those layers; with colour codes (a
 //! terminal), and for records bridged from the `log` crate, it hands the event to the default
-//! format, unchanged (docs/decisions/plain-log-line.md).
+//! format, unchanged (docs/decisions/plain-log-line.md). [`PlainFields`] does the same for
+//! the `name=value` fields of spans and events.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::fmt::format::{Format, Full, Writer};
+use tracing_subscriber::field::{RecordFields, VisitOutput as _};
+use tracing_subscriber::fmt::format::{DefaultFields, DefaultVisitor, Format, Full, Writer};
 use tracing_subscriber::fmt::time::FormatTime as _;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -65,6 +68,96 @@ where
         writer.write_str(": ")?;
         ctx.format_fields(writer.by_ref(), event)?;
         writer.write_char('\n')
+    }
+}
+
+/// tracing-subscriber's `DefaultFields`, byte for byte: `name=value` pairs separated by
+/// spaces. The default writes each name and each `=` through a colour-code wrapper, even with
+/// colour off; an RPC's span formats six fields and its access line two, on every call. This
+/// writes a plain field (not `message`, not an error, not `log.` metadata) directly and hands
+/// every other field, and everything when colour is on, to the default visitor, which escapes
+/// what it escapes (docs/decisions/plain-log-line.md).
+#[derive(Debug, Default)]
+pub struct PlainFields {
+    default: DefaultFields,
+}
+
+impl<'writer> FormatFields<'writer> for PlainFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        if writer.has_ansi_escapes() {
+            return self.default.format_fields(writer, fields);
+        }
+        let mut visitor = PlainVisitor {
+            writer,
+            is_empty: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct PlainVisitor<'writer> {
+    writer: Writer<'writer>,
+    /// Nothing written yet: the next field needs no separating space.
+    is_empty: bool,
+    result: fmt::Result,
+}
+
+impl PlainVisitor<'_> {
+    /// Lets tracing-subscriber's own visitor write this one field.
+    fn by_default(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
+        let mut default = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
+        record(&mut default);
+        self.result = default.finish();
+        // The default writes nothing for `log.` metadata, and pads before anything else.
+        self.is_empty = false;
+    }
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        if field.name() == "message" {
+            self.by_default(|default| default.record_str(field, value));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if self.result.is_err() {
+            return;
+        }
+        self.by_default(|default| default.record_error(field, value));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        if name == "message" || name.starts_with("log.") {
+            let empty = self.is_empty;
+            self.by_default(|default| default.record_debug(field, value));
+            // Metadata writes nothing: still empty if it was.
+            self.is_empty = empty && name != "message";
+            return;
+        }
+        if self.is_empty {
+            self.is_empty = false;
+        } else if let Err(e) = self.writer.write_char(' ') {
+            self.result = Err(e);
+            return;
+        }
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        self.result = self
+            .writer
+            .write_str(name)
+            .and_then(|()| self.writer.write_char('='))
+            .and_then(|()| write!(self.writer, "{value:?}"));
     }
 }
 
@@ -187,6 +280,14 @@ mod tests {
             rpc.record("code", "OK");
             tracing::info!(target: "access", latency_us = 123_u64, "rpc finished");
             tracing::error!(answer = 42, flag = true, "no message fields = {}", 7);
+            // What the default visitor does itself: an error and its sources, escape codes in
+            // a message, a raw identifier, `log` metadata between fields.
+            let cause = std::io::Error::other("disk \x1b[31mfull");
+            let error = anyhow::Error::new(cause).context("writing the batch");
+            let error: &(dyn std::error::Error + 'static) = error.as_ref();
+            tracing::warn!(error, r#type = "batch", "failed: \x1b[2J{}", "cleared?");
+            tracing::info!(log.target = "bridged", log.line = 7_u32, after = 1_u8);
+            tracing::info!(log.module_path = "first", only = "metadata before it");
         });
     }
 
@@ -201,7 +302,12 @@ mod tests {
             .with_ansi(false)
             .with_writer(writer);
         if plain {
-            emit(builder.event_format(PlainFull::default()).finish());
+            emit(
+                builder
+                    .event_format(PlainFull::default())
+                    .fmt_fields(PlainFields::default())
+                    .finish(),
+            );
         } else {
             emit(builder.finish());
         }
@@ -211,7 +317,7 @@ mod tests {
     #[test]
     fn lines_match_the_default_format_byte_for_byte_after_the_timestamp() {
         let (ours, default) = (lines_of(true), lines_of(false));
-        assert_eq!(ours.lines().count(), 4, "{ours}");
+        assert_eq!(ours.lines().count(), 7, "{ours}");
         assert_eq!(ours.lines().count(), default.lines().count());
         for (ours, default) in ours.lines().zip(default.lines()) {
             let (our_time, our_rest) = ours.split_at(27);

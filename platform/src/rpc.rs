@@ -227,14 +227,15 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The request id of an RPC: the caller's `x-request-id` when it is sane, else a new UUID. The
-/// layer puts it in the request's extensions and echoes it in the response metadata.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(pub String);
-
 // Header names parsed once: a `&str` name is parsed and validated on every lookup.
-const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+/// The metadata key of the request id: the caller's when it is sane (1 to 128 visible ASCII
+/// characters), else a UUID the RPC layer put there; echoed in the response metadata.
+pub const REQUEST_ID_KEY: &str = "x-request-id";
+/// The metadata key of the W3C trace context; the RPC layer replaces the caller's with this
+/// hop's.
+pub const TRACEPARENT_KEY: &str = "traceparent";
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static(REQUEST_ID_KEY);
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static(TRACEPARENT_KEY);
 const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 const GRPC_ENCODING: http::HeaderName = http::HeaderName::from_static("grpc-encoding");
 const GRPC_ACCEPT_ENCODING: http::HeaderName =
@@ -244,7 +245,8 @@ const GRPC_STATUS_DETAILS: http::HeaderName =
     http::HeaderName::from_static("grpc-status-details-bin");
 
 /// The W3C trace context of a call: the caller's trace id (or a new one) and this hop's span
-/// id. The layer puts it in the request's extensions; billing forwards it to the directory.
+/// id. The layer puts this hop's in the request's `traceparent` metadata, where billing takes it
+/// to send on to the directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceParent {
     /// 32 lower-case hex digits.
@@ -276,20 +278,32 @@ impl TraceParent {
                 && parent.bytes().any(|b| b != b'0');
             valid.then(|| (trace.to_owned(), flags.to_owned()))
         });
-        let (trace_id, flags) =
-            parsed.unwrap_or_else(|| (uuid::Uuid::new_v4().simple().to_string(), "01".to_owned()));
-        let span = uuid::Uuid::new_v4().simple().to_string();
+        let (trace_id, flags) = parsed.unwrap_or_else(|| (random_hex(32), "01".to_owned()));
         Self {
             trace_id,
-            span_id: span[..16].to_owned(),
+            span_id: random_hex(16),
             flags,
         }
     }
 
     /// The `traceparent` header value naming this hop as the parent.
     pub fn header(&self) -> String {
-        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+        let mut header = String::with_capacity(55);
+        for part in ["00", &self.trace_id, &self.span_id, &self.flags] {
+            if !header.is_empty() {
+                header.push('-');
+            }
+            header.push_str(part);
+        }
+        header
     }
+}
+
+/// `len` (at most 32) random lower-case hex digits, written without the formatting machinery.
+fn random_hex(len: usize) -> String {
+    let mut digits = [0; 32];
+    let hex = uuid::Uuid::new_v4().simple().encode_lower(&mut digits);
+    hex[..len.min(hex.len())].to_owned()
 }
 
 /// Records the caller's directory on the current RPC span, once the call is authenticated.
@@ -532,7 +546,11 @@ where
         let id = match request.headers().get(&REQUEST_ID).and_then(sane_request_id) {
             Some(id) => id.to_owned(),
             None => {
-                let id = uuid::Uuid::new_v4().to_string();
+                let mut buffer = uuid::Uuid::encode_buffer();
+                let id = uuid::Uuid::new_v4()
+                    .hyphenated()
+                    .encode_lower(&mut buffer)
+                    .to_owned();
                 if let Ok(value) = http::HeaderValue::from_str(&id) {
                     request.headers_mut().insert(REQUEST_ID, value);
                 }
@@ -553,8 +571,6 @@ where
             code = tracing::field::Empty,
             latency_us = tracing::field::Empty,
         );
-        request.extensions_mut().insert(trace);
-        request.extensions_mut().insert(RequestId(id.clone()));
         // The caller's deadline, counted from now, less a millisecond: tonic's own timer
         // (which wraps this layer and answers CANCELLED without details) starts just after
         // ours, and tokio's timers tick in milliseconds. Were both in the same tick, tonic's

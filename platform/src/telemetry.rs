@@ -24,6 +24,7 @@ pub fn init_tracing(json: bool) -> crate::logs::LogGuard {
     } else {
         builder
             .event_format(crate::logline::PlainFull::default())
+            .fmt_fields(crate::logline::PlainFields::default())
             .try_init()
     };
     guard

@@ -18,7 +18,10 @@ use contract::directory::v1 as dpb;
 use contract::directory::v1::directory_service_client::DirectoryServiceClient;
 use contract::refusal::Refusal;
 use tonic::Code;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
+
+use platform::rpc::{REQUEST_ID_KEY, TRACEPARENT_KEY};
 
 use crate::domain::{Authorizer, Caller, Check, Error, Result};
 
@@ -59,9 +62,10 @@ const MARK_DOWN: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Default)]
 pub struct CallContext {
     pub deadline: Option<Instant>,
-    pub request_id: Option<String>,
-    /// The W3C `traceparent` to send on, naming this hop as the parent.
-    pub traceparent: Option<String>,
+    /// The `x-request-id` to send on, marked never-indexed.
+    pub request_id: Option<MetadataValue<Ascii>>,
+    /// The W3C `traceparent` to send on, naming this hop as the parent; never-indexed.
+    pub traceparent: Option<MetadataValue<Ascii>>,
 }
 
 tokio::task_local! {
@@ -200,19 +204,13 @@ fn action(check: Check) -> dpb::Action {
 #[async_trait]
 impl Authorizer for GrpcDirectory {
     async fn authorize(&self, token: &str, check: Check) -> Result<Caller> {
-        // Values new on every call: never indexed (see `platform::rpc::per_call_value`).
-        let per_call = |value: &str| {
-            let mut value = value.parse::<tonic::metadata::MetadataValue<_>>().ok()?;
-            value.set_sensitive(true);
-            Some(value)
-        };
-        // What the call being served carries (see `CallContext`), read without copying it.
+        // What the call being served carries (see `CallContext`).
         let (caller_deadline, request_id, traceparent) = CALL
             .try_with(|call| {
                 (
                     call.deadline,
-                    call.request_id.as_deref().and_then(per_call),
-                    call.traceparent.as_deref().and_then(per_call),
+                    call.request_id.clone(),
+                    call.traceparent.clone(),
                 )
             })
             .unwrap_or_default();
@@ -234,10 +232,12 @@ impl Authorizer for GrpcDirectory {
                 .metadata_mut()
                 .insert("authorization", bearer.clone());
             if let Some(id) = &request_id {
-                request.metadata_mut().insert("x-request-id", id.clone());
+                request.metadata_mut().insert(REQUEST_ID_KEY, id.clone());
             }
             if let Some(trace) = &traceparent {
-                request.metadata_mut().insert("traceparent", trace.clone());
+                request
+                    .metadata_mut()
+                    .insert(TRACEPARENT_KEY, trace.clone());
             }
             let replica = self.pick();
             // With another replica up, give this one half of the time left, so a replica that

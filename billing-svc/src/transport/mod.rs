@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use contract::billing::v1 as pb;
 use platform::rpc::{
-    RequestId, TraceParent, bearer_token, caller_deadline, record_directory, reply,
+    REQUEST_ID_KEY, TRACEPARENT_KEY, bearer_token, caller_deadline, record_directory, reply,
 };
 use tonic::{Request, Response, Status};
 
@@ -33,16 +33,18 @@ impl BillingApi {
     /// Authenticates the call through the directory (forwarding the bearer token, the
     /// caller's deadline and the request id) and learns whether `check` passed.
     async fn caller<T>(&self, request: &Request<T>, check: Check) -> Result<Caller, Status> {
+        // The request id and this hop's `traceparent` as the RPC layer left them in the
+        // headers (platform::rpc), passed on as they are: a cheap clone, no parse.
+        let per_call = |name: &str| {
+            let mut value = request.metadata().get(name)?.clone();
+            // New on every call: never indexed (see `platform::rpc::per_call_value`).
+            value.set_sensitive(true);
+            Some(value)
+        };
         let call = CallContext {
             deadline: caller_deadline(request),
-            request_id: request
-                .extensions()
-                .get::<RequestId>()
-                .map(|id| id.0.clone()),
-            traceparent: request
-                .extensions()
-                .get::<TraceParent>()
-                .map(TraceParent::header),
+            request_id: per_call(REQUEST_ID_KEY),
+            traceparent: per_call(TRACEPARENT_KEY),
         };
         let caller = call
             .scope(self.service.caller(bearer_token(request), check))
