@@ -56,8 +56,11 @@ impl platform::launch::Server for Application {
             PageTokens::new(&page_key),
             config.limits,
             config.clock.clone(),
+            config.deleted_user_retention,
         );
-        let api = DirectoryApi::new(Arc::new(service));
+        let service = Arc::new(service);
+        let purge = service.purge_in_background(config.purge_every);
+        let api = DirectoryApi::new(service);
         // Compressed requests accepted, answers compressed when the caller accepts it (and the
         // answer is large enough to gain: `platform::rpc::reply`).
         let server = platform::rpc::ENCODINGS.into_iter().fold(
@@ -65,11 +68,9 @@ impl platform::launch::Server for Application {
                 .max_decoding_message_size(platform::rpc::MAX_MESSAGE_BYTES),
             |server, e| server.accept_compressed(e).send_compressed(e),
         );
-        Ready::new(
-            listener,
-            Routes::new(server),
-            config.serve,
-            database.close(),
-        )
+        Ready::new(listener, Routes::new(server), config.serve, async move {
+            purge.abort();
+            database.close().await;
+        })
     }
 }

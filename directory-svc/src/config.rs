@@ -51,7 +51,16 @@ pub struct Cli {
     /// Sign-ups (CreateDirectory) allowed per client address per minute (0: no limit).
     #[arg(long, default_value_t = 30)]
     pub signup_per_peer_per_minute: u32,
+
+    /// How long a deleted user stays restorable before it is purged for good (30d, 12h, 90s).
+    #[arg(long, default_value = "30d", value_parser = platform::launch::human_duration)]
+    pub deleted_user_retention: Duration,
 }
+
+/// The contract's default retention of deleted users.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Deleted users are purged within this of their `purge_time` (the contract: 2 s).
+const PURGE_EVERY: Duration = Duration::from_secs(1);
 
 /// Everything the server needs to start.
 #[derive(Debug, Clone)]
@@ -68,6 +77,11 @@ pub struct Config {
     /// What the rules read the time from: the system's clock, or a test's manual one.
     pub clock: std::sync::Arc<dyn platform::clock::Clock>,
     pub limits: AbuseLimits,
+    /// How long a deleted user stays restorable.
+    pub deleted_user_retention: Duration,
+    /// How often the purge of deleted users past their retention runs (real time; which are
+    /// due is read from `clock`).
+    pub purge_every: Duration,
 }
 
 impl Config {
@@ -83,6 +97,8 @@ impl Config {
             cache_entries: storage::cache::DEFAULT_ENTRIES,
             clock: platform::clock::system(),
             limits: AbuseLimits::default(),
+            deleted_user_retention: DEFAULT_RETENTION,
+            purge_every: PURGE_EVERY,
         }
     }
 }
@@ -112,6 +128,8 @@ impl TryFrom<&Cli> for Config {
                 signin_per_peer_per_minute: cli.signin_per_peer_per_minute,
                 signup_per_peer_per_minute: cli.signup_per_peer_per_minute,
             },
+            deleted_user_retention: cli.deleted_user_retention,
+            purge_every: PURGE_EVERY,
         })
     }
 }

@@ -190,6 +190,17 @@ impl ServeFlags {
     }
 }
 
+/// A flag's duration as people write it (`30d`, `2s`, `1h 30m`), more than zero: the value
+/// parser of the services' retention and period flags.
+pub fn human_duration(raw: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(raw)
+        .map_err(|e| format!("{e} (a duration such as 30d, 12h, 90s)"))?;
+    if duration.is_zero() {
+        return Err("must be more than zero".to_owned());
+    }
+    Ok(duration)
+}
+
 /// Exit code for an invalid configuration (as clap uses for bad flags).
 const EXIT_CONFIG: u8 = 2;
 

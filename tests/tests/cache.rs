@@ -1,5 +1,5 @@
-//! The in-memory caches change nothing a caller can see: a role change, a deletion or a
-//! cancellation applies to the very next call even while other calls keep reading (and
+//! The in-memory caches change nothing a caller can see: a role change, a deletion, a restore
+//! or a cancellation applies to the very next call even while other calls keep reading (and
 //! refilling the cache with) the same rows, on SQLite (where the process owns the file) and on
 //! PostgreSQL (where the replica holds a lease; `peer_caches.rs` covers several replicas). And
 //! one process owns an SQLite file: a second server on the same file refuses to start.
@@ -174,6 +174,25 @@ async fn a_deleted_users_token_fails_at_once_under_concurrent_reads(backend: Bac
             .await
             .expect_err("a deleted user's token stops working at once");
         assert_eq!(err.code(), Code::Unauthenticated, "round {round}: {err:?}");
+        // Restored while the readers go on: back at once, and the old token stays dead.
+        dir.restore_user(authed(
+            dpb::RestoreUserRequest {
+                user_id: user.id.clone(),
+                new_user_principal_name: String::new(),
+            },
+            &tenant.token,
+        ))
+        .await
+        .expect("the admin restores the user");
+        let err = authorize(&mut dir, &token)
+            .await
+            .expect_err("a token from before the deletion stays dead");
+        assert_eq!(err.code(), Code::Unauthenticated, "round {round}: {err:?}");
+        let fresh = sign_in(&mut dir, &user.user_principal_name, PASSWORD).await;
+        let decision = authorize(&mut dir, &fresh)
+            .await
+            .expect("the restored user's new token");
+        assert_eq!(decision.user_id, user.id, "round {round}");
         readers.stop().await;
         let err = authorize(&mut dir, &token)
             .await

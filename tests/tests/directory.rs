@@ -1653,6 +1653,20 @@ async fn every_authenticated_rpc_needs_a_token(backend: Backend) {
         })
         .await
         .map(|_| ()),
+        c.list_deleted_users(pb::ListDeletedUsersRequest::default())
+            .await
+            .map(|_| ()),
+        c.restore_user(pb::RestoreUserRequest {
+            user_id: id.clone(),
+            new_user_principal_name: String::new(),
+        })
+        .await
+        .map(|_| ()),
+        c.purge_user(pb::PurgeUserRequest {
+            user_id: id.clone(),
+        })
+        .await
+        .map(|_| ()),
         c.authorize(pb::AuthorizeRequest { action: 1 })
             .await
             .map(|_| ()),

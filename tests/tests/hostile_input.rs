@@ -383,7 +383,7 @@ fn bad_role_lists() -> Vec<(&'static str, Vec<i32>, &'static str)> {
         ("negative number", vec![-1], "roles[0]"),
         ("i32::MAX", vec![i32::MAX], "roles[0]"),
         ("ROLE_UNSPECIFIED after a role", vec![2, 0], "roles[1]"),
-        ("unknown after roles", vec![1, 3, 6], "roles[2]"),
+        ("unknown after roles", vec![1, 3, 7], "roles[2]"),
     ]
 }
 
@@ -790,6 +790,102 @@ async fn directory_refuses_every_bad_field_and_writes_nothing(backend: Backend) 
             &format!("DeleteUser user_id {label}"),
             result,
             "user_id",
+            DIRECTORY,
+            &[],
+        );
+    }
+
+    // ListDeletedUsers: page_size, and page tokens of another list or directory.
+    let deleted = |page_size: i32, page_token: &str| dpb::ListDeletedUsersRequest {
+        page_size,
+        page_token: page_token.to_owned(),
+    };
+    for (label, page_size) in [("-1", -1), ("i32::MIN", i32::MIN)] {
+        let result = w
+            .dir
+            .list_deleted_users(authed(deleted(page_size, ""), &token))
+            .await;
+        assert_invalid(
+            &format!("ListDeletedUsers page_size {label}"),
+            result,
+            "page_size",
+            DIRECTORY,
+            &[],
+        );
+    }
+    for (label, page_token) in [
+        ("garbage", "garbage".to_owned()),
+        ("5,000 characters", "A".repeat(5000)),
+        ("from ListUsers", contoso_token.clone()),
+        (
+            "from ListUsers of another directory",
+            fabrikam_token.clone(),
+        ),
+        ("from ListSubscriptions", subscriptions_token.clone()),
+    ] {
+        let result = w
+            .dir
+            .list_deleted_users(authed(deleted(1, &page_token), &token))
+            .await;
+        assert_invalid(
+            &format!("ListDeletedUsers page_token {label}"),
+            result,
+            "page_token",
+            DIRECTORY,
+            &[],
+        );
+    }
+
+    // RestoreUser and PurgeUser: ids, and new UPNs that break CreateUser's rules.
+    for (label, bad) in bad_ids() {
+        let result = w
+            .dir
+            .restore_user(authed(
+                dpb::RestoreUserRequest {
+                    user_id: bad.clone(),
+                    new_user_principal_name: String::new(),
+                },
+                &token,
+            ))
+            .await;
+        assert_invalid(
+            &format!("RestoreUser user_id {label}"),
+            result,
+            "user_id",
+            DIRECTORY,
+            &[],
+        );
+        let result = w
+            .dir
+            .purge_user(authed(dpb::PurgeUserRequest { user_id: bad }, &token))
+            .await;
+        assert_invalid(
+            &format!("PurgeUser user_id {label}"),
+            result,
+            "user_id",
+            DIRECTORY,
+            &[],
+        );
+    }
+    // (An empty one means the old UPN.)
+    for (label, bad) in malformed_upns(&domain)
+        .into_iter()
+        .filter(|(_, upn)| !upn.is_empty())
+    {
+        let result = w
+            .dir
+            .restore_user(authed(
+                dpb::RestoreUserRequest {
+                    user_id: w.jane.id.clone(),
+                    new_user_principal_name: bad,
+                },
+                &token,
+            ))
+            .await;
+        assert_invalid(
+            &format!("RestoreUser new_user_principal_name {label}"),
+            result,
+            "new_user_principal_name",
             DIRECTORY,
             &[],
         );
@@ -1660,14 +1756,14 @@ fn unb64(text: &str) -> Vec<u8> {
 /// Forged tokens, made from `genuine` (the token of a user without roles) to pass for
 /// `victim` (a Global Administrator of the same directory) or for `stranger` (one of another
 /// directory), each `(user id, directory id)`. The layout is directory-svc's (tokens.rs):
-/// version, user, directory, expiry, then the tag over them.
+/// version, user, directory, expiry, the user's token generation, then the tag over them.
 fn forged_tokens(
     genuine: &str,
     victim: (&str, &str),
     stranger: (&str, &str),
 ) -> Vec<(&'static str, String)> {
     let raw = unb64(genuine);
-    assert_eq!(raw.len(), 57, "a compact access token: {genuine}");
+    assert_eq!(raw.len(), 61, "a compact access token: {genuine}");
     let id = |text: &str| *uuid::Uuid::parse_str(text).expect("a UUID").as_bytes();
     let with = |changes: &[(std::ops::Range<usize>, &[u8])]| {
         let mut forged = raw.clone();
@@ -1696,6 +1792,7 @@ fn forged_tokens(
                 &directory_svc::domain::tokens::TokenSubject {
                     user_id: victim.0.to_owned(),
                     directory_id: victim.1.to_owned(),
+                    generation: 0,
                 },
                 contract::time::now_micros(),
             )
@@ -1717,10 +1814,14 @@ fn forged_tokens(
             "a later expiry under the genuine tag",
             with(&[(33..41, &next_year)]),
         ),
-        ("another format version", with(&[(0..1, &[2])])),
-        ("tag zeroed", with(&[(41..57, &[0; 16])])),
-        ("tag removed", b64(&raw[..41])),
-        ("tag cut to 64 bits", b64(&raw[..49])),
+        (
+            "another token generation under the genuine tag (from before a deletion)",
+            with(&[(41..45, &[0, 0, 0, 1])]),
+        ),
+        ("another format version", with(&[(0..1, &[1])])),
+        ("tag zeroed", with(&[(45..61, &[0; 16])])),
+        ("tag removed", b64(&raw[..45])),
+        ("tag cut to 64 bits", b64(&raw[..53])),
         ("a JWT with alg none", format!("{none}.{payload}.")),
         (
             "a JWT with alg none, no third part",
@@ -1905,6 +2006,35 @@ async fn every_invalid_token_is_unauthenticated_with_one_generic_answer(backend:
                 "DeleteUser",
                 dir.delete_user(authed(
                     dpb::DeleteUserRequest {
+                        user_id: w.jane.id.clone(),
+                    },
+                    token,
+                ))
+                .await
+                .expect_err("refused"),
+            ),
+            (
+                "ListDeletedUsers",
+                dir.list_deleted_users(authed(dpb::ListDeletedUsersRequest::default(), token))
+                    .await
+                    .expect_err("refused"),
+            ),
+            (
+                "RestoreUser",
+                dir.restore_user(authed(
+                    dpb::RestoreUserRequest {
+                        user_id: w.jane.id.clone(),
+                        new_user_principal_name: String::new(),
+                    },
+                    token,
+                ))
+                .await
+                .expect_err("refused"),
+            ),
+            (
+                "PurgeUser",
+                dir.purge_user(authed(
+                    dpb::PurgeUserRequest {
                         user_id: w.jane.id.clone(),
                     },
                     token,

@@ -34,12 +34,13 @@ const BUDGET: Duration = Duration::from_secs(25);
 /// Users per directory besides its first Global Administrator.
 const USERS_PER_DIRECTORY: usize = 4;
 
-const ROLES: [dpb::Role; 5] = [
+const ROLES: [dpb::Role; 6] = [
     dpb::Role::GlobalAdministrator,
     dpb::Role::BillingAdministrator,
     dpb::Role::UserAdministrator,
     dpb::Role::PasswordAdministrator,
     dpb::Role::ServiceAdministrator,
+    dpb::Role::LicenseAdministrator,
 ];
 
 /// Offer, and whether it is sold per seat.
@@ -110,6 +111,8 @@ struct Person {
     dir: usize,
     token: String,
     alive: bool,
+    /// Deleted for good: neither active nor in the recycle bin.
+    purged: bool,
     /// As the directory last answered them, sorted.
     roles: Vec<i32>,
 }
@@ -175,6 +178,7 @@ async fn world(backend: Backend, seed: u64) -> Option<World> {
             dir: d,
             token: tenant.token.clone(),
             alive: true,
+            purged: false,
             roles: tenant.admin.roles.clone(),
         });
         for u in 0..USERS_PER_DIRECTORY {
@@ -186,6 +190,7 @@ async fn world(backend: Backend, seed: u64) -> Option<World> {
                 dir: d,
                 token,
                 alive: true,
+                purged: false,
                 roles: user.roles,
             });
         }
@@ -629,6 +634,99 @@ impl World {
         }
     }
 
+    async fn list_deleted_users(&mut self, caller: usize) {
+        self.count("ListDeletedUsers");
+        let (token, dir) = (self.people[caller].token.clone(), self.people[caller].dir);
+        let ctx = self.ctx("ListDeletedUsers", caller);
+        let answer = self
+            .dir
+            .list_deleted_users(authed(
+                dpb::ListDeletedUsersRequest {
+                    page_size: 1000,
+                    page_token: String::new(),
+                },
+                &token,
+            ))
+            .await;
+        self.assert_no_leak(&ctx, dir, &shown(&answer), &[]);
+        if let Ok(page) = &answer {
+            for user in &page.get_ref().users {
+                self.check_user(&ctx, dir, user);
+                let person = self.people.iter().find(|p| p.id == user.id);
+                assert!(
+                    person.is_some_and(|p| !p.alive && !p.purged),
+                    "{ctx}: not in the bin: {user:?}"
+                );
+            }
+        }
+    }
+
+    /// RestoreUser or PurgeUser of a user of the caller's directory (in the bin or not) or of
+    /// another directory (answered like a random id).
+    async fn restore_or_purge(&mut self, caller: usize, restore: bool) {
+        self.count(if restore { "RestoreUser" } else { "PurgeUser" });
+        let (token, dir) = (self.people[caller].token.clone(), self.people[caller].dir);
+        let target = self.random_target(60);
+        let Some(t) = self.random_person(dir, target) else {
+            return;
+        };
+        let op = if restore { "RestoreUser" } else { "PurgeUser" };
+        let ctx = self.ctx(&format!("{op} {target:?}"), caller);
+        let id = self.people[t].id.clone();
+        let call = |dir: &mut DirectoryClient, id: String| {
+            let mut dir = dir.clone();
+            let token = token.clone();
+            async move {
+                if restore {
+                    dir.restore_user(authed(
+                        dpb::RestoreUserRequest {
+                            user_id: id,
+                            new_user_principal_name: String::new(),
+                        },
+                        &token,
+                    ))
+                    .await
+                    .map(|r| r.map(|u| format!("{u:?}")))
+                } else {
+                    dir.purge_user(authed(dpb::PurgeUserRequest { user_id: id }, &token))
+                        .await
+                        .map(|r| r.map(|()| String::new()))
+                }
+            }
+        };
+        let answer = call(&mut self.dir, id.clone()).await;
+        self.assert_no_leak(&ctx, dir, &shown(&answer), &[&id]);
+        match target {
+            Target::Own => {
+                if answer.is_ok() {
+                    let person = &mut self.people[t];
+                    assert!(!person.alive && !person.purged, "{ctx}: was not in the bin");
+                    if restore {
+                        person.alive = true;
+                        // Its old token stays dead: it signs in again.
+                        let upn = person.upn.clone();
+                        self.people[t].token = sign_in(&mut self.dir, &upn, PASSWORD).await;
+                    } else {
+                        person.purged = true;
+                    }
+                }
+            }
+            Target::Foreign => {
+                let missing_id = self.rng.uuid();
+                let missing = call(&mut self.dir, missing_id).await;
+                self.assert_same(&ctx, &answer, &missing);
+            }
+        }
+    }
+
+    async fn restore_user(&mut self, caller: usize) {
+        self.restore_or_purge(caller, true).await;
+    }
+
+    async fn purge_user(&mut self, caller: usize) {
+        self.restore_or_purge(caller, false).await;
+    }
+
     async fn create_subscription(&mut self, caller: usize) {
         self.count("CreateSubscription");
         let (token, dir) = (self.people[caller].token.clone(), self.people[caller].dir);
@@ -839,7 +937,7 @@ impl World {
 
     async fn step(&mut self) {
         let caller = self.random_caller();
-        match self.rng.below(100) {
+        match self.rng.below(109) {
             0..=11 => self.get_user_by_id(caller).await,
             12..=21 => self.get_user_by_upn(caller).await,
             22..=29 => self.list_users(caller).await,
@@ -851,7 +949,10 @@ impl World {
             70..=79 => self.get_subscription(caller).await,
             80..=86 => self.list_subscriptions(caller).await,
             87..=94 => self.cancel_subscription(caller).await,
-            _ => self.foreign_page_token(caller).await,
+            95..=99 => self.foreign_page_token(caller).await,
+            100..=102 => self.list_deleted_users(caller).await,
+            103..=106 => self.restore_user(caller).await,
+            _ => self.purge_user(caller).await,
         }
     }
 
@@ -905,6 +1006,30 @@ impl World {
                 })
                 .collect();
             assert_eq!(stored, expected, "{ctx}: users and roles");
+
+            let bin: BTreeSet<String> = self
+                .dir
+                .list_deleted_users(authed(
+                    dpb::ListDeletedUsersRequest {
+                        page_size: 1000,
+                        page_token: String::new(),
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap_or_else(|s| panic!("{ctx}: list deleted users: {s:?}"))
+                .into_inner()
+                .users
+                .into_iter()
+                .map(|u| u.id)
+                .collect();
+            let expected: BTreeSet<String> = self
+                .people
+                .iter()
+                .filter(|p| p.dir == d && !p.alive && !p.purged)
+                .map(|p| p.id.clone())
+                .collect();
+            assert_eq!(bin, expected, "{ctx}: the recycle bin");
 
             let page = self
                 .bill

@@ -181,6 +181,106 @@ async fn a_role_change_on_one_replica_applies_to_the_next_call_on_another() {
 }
 
 #[tokio::test]
+async fn deletes_and_restores_on_one_replica_apply_to_the_next_call_on_another() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let a = DirectoryServer::start(&db).await;
+    let b = DirectoryServer::start(&db).await;
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let tenant = sign_up(&mut on_a, "adatum").await;
+    let (user, first) = add_user(
+        &mut on_a,
+        &tenant,
+        "jane",
+        &[dpb::Role::BillingAdministrator],
+    )
+    .await;
+    leases_held(&db.url, 2).await;
+    let get = |id: String| dpb::GetUserRequest {
+        lookup: Some(dpb::get_user_request::Lookup::UserId(id)),
+    };
+    let mut token = first.clone();
+    for round in 0..ROUNDS / 3 {
+        // Readers on B keep the user in its cache while A deletes and restores.
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (mut dir, token, admin, id) = (
+                    on_b.clone(),
+                    token.clone(),
+                    tenant.token.clone(),
+                    user.id.clone(),
+                );
+                tokio::spawn(async move {
+                    for _ in 0..30 {
+                        let _ = authorize(&mut dir, &token).await;
+                        let _ = dir.get_user(authed(get(id.clone()), &admin)).await;
+                    }
+                })
+            })
+            .collect();
+        assert!(
+            authorize(&mut on_b, &token)
+                .await
+                .expect("authorize")
+                .allowed
+        );
+        on_a.delete_user(authed(
+            dpb::DeleteUserRequest {
+                user_id: user.id.clone(),
+            },
+            &tenant.token,
+        ))
+        .await
+        .expect("A deletes");
+        let err = authorize(&mut on_b, &token)
+            .await
+            .expect_err("the deleted user's token fails on B at once");
+        assert_eq!(err.code(), Code::Unauthenticated, "round {round}: {err:?}");
+        let err = on_b
+            .get_user(authed(get(user.id.clone()), &tenant.token))
+            .await
+            .expect_err("B no longer finds the user");
+        assert_eq!(err.code(), Code::NotFound, "round {round}: {err:?}");
+
+        on_a.restore_user(authed(
+            dpb::RestoreUserRequest {
+                user_id: user.id.clone(),
+                new_user_principal_name: String::new(),
+            },
+            &tenant.token,
+        ))
+        .await
+        .expect("A restores");
+        // B finds the user at once, with its roles; no token from before works there.
+        let found = on_b
+            .get_user(authed(get(user.id.clone()), &tenant.token))
+            .await
+            .expect("B finds the restored user")
+            .into_inner();
+        assert_eq!(found.roles, vec![dpb::Role::BillingAdministrator as i32]);
+        for old in [&first, &token] {
+            let err = authorize(&mut on_b, old)
+                .await
+                .expect_err("a token from before a deletion fails on B");
+            assert_eq!(err.code(), Code::Unauthenticated, "round {round}: {err:?}");
+        }
+        token = sign_in(&mut on_b, &user.user_principal_name, PASSWORD).await;
+        assert!(
+            authorize(&mut on_b, &token)
+                .await
+                .expect("authorize")
+                .allowed
+        );
+        for reader in readers {
+            reader.await.expect("reader");
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn a_cancellation_on_one_replica_applies_to_the_next_read_on_another() {
     let Some(ddb) = TestDb::postgres().await else {
         return;

@@ -99,6 +99,9 @@ async fn the_readme_walkthrough_works_as_written() {
         "\"seats\": 25",
         "ROLE_BILLING_ADMINISTRATOR",
         "\"offerId\": \"office365-e3\"",
+        // The delete-and-restore step: listed in the bin with its purge time, then back.
+        "\"purgeTime\"",
+        "\"userPrincipalName\": \"jane@contoso.onmicrosoft.com\"",
     ] {
         assert!(
             stdout.contains(expected),
@@ -106,6 +109,7 @@ async fn the_readme_walkthrough_works_as_written() {
         );
     }
     for expected in [
+        "Code: Unauthenticated",
         "Code: PermissionDenied",
         "Code: InvalidArgument",
         "google.rpc.BadRequest",

@@ -19,7 +19,7 @@ pub enum Denied {
     NeedsGlobalAdministratorToGrant,
     /// Changing roles needs Global Administrator.
     NeedsGlobalAdministrator,
-    /// A User Administrator cannot delete a user holding any role.
+    /// A User Administrator cannot delete, restore or purge a user holding any role.
     TargetHoldsRoles,
 }
 
@@ -39,6 +39,11 @@ pub enum Error {
     DomainTaken(String),
     #[error("user principal name '{0}' is already taken")]
     UpnTaken(String),
+    /// A restore without a new UPN, when another user took the old one meanwhile.
+    #[error(
+        "user principal name '{0}' was taken while the user was deleted; restore it under a new_user_principal_name"
+    )]
+    OldUpnTaken(String),
     #[error("the directory must keep at least one Global Administrator")]
     LastGlobalAdministrator,
     #[error("a Global Administrator cannot remove that role from themself")]
@@ -63,7 +68,9 @@ fn denied_message(denied: Denied) -> &'static str {
             "granting roles requires the Global Administrator role"
         }
         Denied::NeedsGlobalAdministrator => "requires the Global Administrator role",
-        Denied::TargetHoldsRoles => "a User Administrator cannot delete a user who holds a role",
+        Denied::TargetHoldsRoles => {
+            "a User Administrator cannot delete, restore or purge a user who holds a role"
+        }
     }
 }
 

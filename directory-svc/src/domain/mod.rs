@@ -19,17 +19,19 @@ use platform::clock::Clock;
 use platform::limits::Limiter;
 
 pub use error::{Denied, Error, Resource, Result};
-use model::{Decision, Directory, SignedIn, User, UserPage};
+use model::{Decision, DeletedUserPage, Directory, SignedIn, User, UserPage};
 use passwords::Passwords;
 use tokens::{TokenSubject, Tokens};
 use types::{
-    Action, ListUsersQuery, NewDirectory, NewUser, Password, Role, RoleSet, Upn, UserLookup,
+    Action, ListUsersQuery, NewDirectory, NewUser, Page, Password, Role, RoleSet, Upn, UserLookup,
 };
 
-use ports::{Actor, DirectoryStore, StoreError};
+use ports::{Actor, DirectoryStore, StoreError, Target};
 
 /// The page-token list name of ListUsers.
 const LIST_USERS: &str = "directory.v1.DirectoryService/ListUsers";
+/// The page-token list name of ListDeletedUsers.
+const LIST_DELETED_USERS: &str = "directory.v1.DirectoryService/ListDeletedUsers";
 
 /// Roles that may create and delete users.
 const USER_MANAGERS: &[Role] = &[Role::GlobalAdministrator, Role::UserAdministrator];
@@ -72,6 +74,8 @@ pub struct Service {
     pages: PageTokens,
     throttles: Throttles,
     clock: Arc<dyn Clock>,
+    /// How long a deleted user stays restorable, in microseconds.
+    retention_micros: i64,
 }
 
 impl std::fmt::Debug for Service {
@@ -109,6 +113,7 @@ impl Service {
         pages: PageTokens,
         limits: AbuseLimits,
         clock: Arc<dyn Clock>,
+        deleted_user_retention: std::time::Duration,
     ) -> Self {
         Self {
             store,
@@ -116,6 +121,7 @@ impl Service {
             tokens,
             pages,
             clock,
+            retention_micros: i64::try_from(deleted_user_retention.as_micros()).unwrap_or(i64::MAX),
             throttles: Throttles {
                 failed_signins: Limiter::per_minute(limits.signin_failures_per_upn_per_minute),
                 signin_peers: Limiter::per_minute(limits.signin_per_peer_per_minute),
@@ -155,6 +161,7 @@ impl Service {
             display_name: new.admin_display_name,
             roles: RoleSet::of([Role::GlobalAdministrator]),
             create_time: now,
+            token_generation: 0,
         };
         let hash = self.passwords.hash(new.admin_password).await?;
         match self.store.create_directory(&directory, &admin, &hash).await {
@@ -206,6 +213,7 @@ impl Service {
         let subject = TokenSubject {
             user_id: user.id.clone(),
             directory_id: user.directory_id.clone(),
+            generation: user.token_generation,
         };
         let (access_token, exp) = self
             .tokens
@@ -218,7 +226,8 @@ impl Service {
         })
     }
 
-    /// The user a bearer token names, as stored now. A deleted user's token fails here.
+    /// The user a bearer token names, as stored now. A deleted user's token fails here, and so
+    /// does one issued before a deletion the user was restored from (an older generation).
     pub async fn authenticate(&self, bearer: Option<&str>) -> Result<User> {
         let token = bearer.ok_or(Refusal::MissingToken)?;
         let subject = self
@@ -226,7 +235,12 @@ impl Service {
             .verify(token, self.clock.now_micros())
             .ok_or(Refusal::InvalidToken)?;
         match self.store.user(&subject.user_id).await.map_err(internal)? {
-            Some(user) if user.directory_id == subject.directory_id => Ok(user),
+            Some(user)
+                if user.directory_id == subject.directory_id
+                    && user.token_generation == subject.generation =>
+            {
+                Ok(user)
+            }
             _ => Err(Refusal::InvalidToken.into()),
         }
     }
@@ -267,16 +281,7 @@ impl Service {
         };
         may_create(caller.roles)?;
         let directory = self.own_directory(caller).await?;
-        if new.upn.domain() != directory.initial_domain {
-            return Err(Refusal::InvalidArgument(vec![Violation::new(
-                "user_principal_name",
-                format!(
-                    "the domain must be the directory's domain {}",
-                    directory.initial_domain
-                ),
-            )])
-            .into());
-        }
+        check_domain(&new.upn, &directory, "user_principal_name")?;
         let user = User {
             id: new_id(),
             directory_id: directory.id,
@@ -284,6 +289,7 @@ impl Service {
             display_name: new.display_name.clone(),
             roles: new.roles,
             create_time: self.clock.now_micros(),
+            token_generation: 0,
         };
         let hash = self.passwords.hash(new.password.clone()).await?;
         let mut actor = Actor::of(caller);
@@ -390,22 +396,206 @@ impl Service {
         Err(actor_unstable())
     }
 
-    /// Deletes a user (Global or User Administrator; a User Administrator only users without
-    /// roles). Their tokens stop working at once, since every call reloads the user.
+    /// Moves a user to the directory's deleted users (Global or User Administrator; a User
+    /// Administrator only users without roles). Their tokens stop working at once, since
+    /// every call reloads the user, and never work again (a restore moves the generation on).
     pub async fn delete_user(&self, caller: &User, id: uuid::Uuid) -> Result<()> {
         let id = id.to_string();
+        let now = self.clock.now_micros();
+        let purge_time = now.saturating_add(self.retention_micros);
+        self.as_user_manager(
+            caller,
+            &id,
+            Write::Delete {
+                delete_time: now,
+                purge_time,
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// A page of the caller's directory's deleted users, ordered by UPN then id (Global or User
+    /// Administrator). Users past their `purge_time` are gone, whether or not the purge has
+    /// run yet.
+    pub async fn list_deleted_users(&self, caller: &User, page: Page) -> Result<DeletedUserPage> {
+        if !caller.roles.any_of(USER_MANAGERS) {
+            return Err(Error::PermissionDenied(Denied::NeedsUserManager));
+        }
+        let after = if page.page_token.is_empty() {
+            None
+        } else {
+            let key = self
+                .pages
+                .open(
+                    &page.page_token,
+                    LIST_DELETED_USERS,
+                    &caller.directory_id,
+                    "",
+                )
+                .map_err(Refusal::InvalidPageToken)?;
+            // Written by this service below: `<upn key> <id>` (a UPN has no space).
+            let (upn_key, id) = key.rsplit_once(' ').ok_or_else(|| {
+                Error::Internal(anyhow::anyhow!("a page token of ours holds no id"))
+            })?;
+            Some((upn_key.to_owned(), id.to_owned()))
+        };
+        let mut users = self
+            .store
+            .list_deleted_users(
+                &caller.directory_id,
+                self.clock.now_micros(),
+                after.as_ref().map(|(k, i)| (k.as_str(), i.as_str())),
+                page.page_size + 1,
+            )
+            .await
+            .map_err(internal)?;
+        let more = users.len() > page.page_size as usize;
+        users.truncate(page.page_size as usize);
+        let next_page_token = match users.last() {
+            Some(last) if more => self.pages.issue(
+                LIST_DELETED_USERS,
+                &caller.directory_id,
+                "",
+                &format!("{} {}", last.user.upn_key(), last.user.id),
+            ),
+            _ => String::new(),
+        };
+        Ok(DeletedUserPage {
+            users,
+            next_page_token,
+        })
+    }
+
+    /// Brings a deleted user back with the same id, password and roles (Global or User
+    /// Administrator; a User Administrator only users without roles), under `new_upn` if
+    /// given (CreateUser's rules), else its old UPN. Tokens issued before the deletion stay
+    /// dead: the user signs in again.
+    pub async fn restore_user(
+        &self,
+        caller: &User,
+        id: uuid::Uuid,
+        new_upn: Option<Upn>,
+    ) -> Result<User> {
+        // Decided before the UPN is checked against the directory, as CreateUser does.
+        if !caller.roles.any_of(USER_MANAGERS) {
+            return Err(Error::PermissionDenied(Denied::NeedsUserManager));
+        }
+        if let Some(upn) = &new_upn {
+            let directory = self.own_directory(caller).await?;
+            check_domain(upn, &directory, "new_user_principal_name")?;
+        }
+        let id = id.to_string();
+        let now = self.clock.now_micros();
+        let upn = new_upn.as_ref().map(Upn::as_str);
+        let restored = self
+            .as_user_manager(caller, &id, Write::Restore { new_upn: upn, now })
+            .await;
+        match restored {
+            Ok(Some(user)) => Ok(user),
+            Ok(None) => Err(Error::Internal(anyhow::anyhow!(
+                "a restore answered without the user"
+            ))),
+            Err(Error::UpnTaken(_)) => Err(Error::UpnTaken(upn.unwrap_or_default().to_owned())),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Deletes a deleted user for good (Global or User Administrator; a User Administrator
+    /// only users without roles).
+    pub async fn purge_user(&self, caller: &User, id: uuid::Uuid) -> Result<()> {
+        let id = id.to_string();
+        let now = self.clock.now_micros();
+        self.as_user_manager(caller, &id, Write::Purge { now })
+            .await
+            .map(|_| ())
+    }
+
+    /// Purges the deleted users whose `purge_time` has come, in batches; how many went. The
+    /// background task of [`Service::purge_in_background`] calls it.
+    pub async fn purge_expired(&self) -> Result<u64> {
+        const BATCH: u32 = 500;
+        let mut purged = 0;
+        loop {
+            let now = self.clock.now_micros();
+            let batch = self
+                .store
+                .purge_expired(now, BATCH)
+                .await
+                .map_err(internal)?;
+            purged += batch;
+            if batch < u64::from(BATCH) {
+                return Ok(purged);
+            }
+        }
+    }
+
+    /// Runs [`Service::purge_expired`] every `every` (of real time; which users are due is
+    /// decided on the service's clock) until the task is aborted.
+    pub fn purge_in_background(
+        self: &Arc<Self>,
+        every: std::time::Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let service = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(service) = service.upgrade() else {
+                    return;
+                };
+                match service.purge_expired().await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::info!(purged, "purged deleted users past retention"),
+                    Err(e) => tracing::warn!(error = %e, "purging deleted users failed; retrying"),
+                }
+            }
+        })
+    }
+
+    /// Runs `write` on the user `id` of the caller's directory as a user manager (Global or
+    /// User Administrator; a User Administrator only on users without roles), deciding again
+    /// when the caller's roles change under it, and maps the store's refusals. A restore
+    /// answers with the user.
+    async fn as_user_manager(
+        &self,
+        caller: &User,
+        id: &str,
+        write: Write<'_>,
+    ) -> Result<Option<User>> {
         let mut actor = Actor::of(caller);
         for _ in 0..MAX_ACTOR_RETRIES {
             if !actor.roles.any_of(USER_MANAGERS) {
                 return Err(Error::PermissionDenied(Denied::NeedsUserManager));
             }
-            let only_without_roles = !actor.roles.contains(Role::GlobalAdministrator);
-            match self
-                .store
-                .delete_user(&caller.directory_id, &id, only_without_roles, &actor)
-                .await
-            {
-                Ok(()) => return Ok(()),
+            let target = Target {
+                directory_id: &caller.directory_id,
+                user_id: id,
+                only_without_roles: !actor.roles.contains(Role::GlobalAdministrator),
+            };
+            let written = match write {
+                Write::Delete {
+                    delete_time,
+                    purge_time,
+                } => self
+                    .store
+                    .delete_user(target, &actor, delete_time, purge_time)
+                    .await
+                    .map(|()| None),
+                Write::Restore { new_upn, now } => self
+                    .store
+                    .restore_user(target, new_upn, &actor, now)
+                    .await
+                    .map(Some),
+                Write::Purge { now } => self
+                    .store
+                    .purge_user(target, &actor, now)
+                    .await
+                    .map(|()| None),
+            };
+            match written {
+                Ok(value) => return Ok(value),
                 Err(StoreError::ActorChanged(now)) => actor.roles = self.recheck(now)?,
                 Err(StoreError::UserNotFound) => return Err(Error::NotFound(Resource::User)),
                 Err(StoreError::HasRoles) => {
@@ -414,6 +604,9 @@ impl Service {
                 Err(StoreError::LastGlobalAdministrator) => {
                     return Err(Error::LastGlobalAdministrator);
                 }
+                // The caller fills in the UPN it asked for.
+                Err(StoreError::UpnTaken) => return Err(Error::UpnTaken(String::new())),
+                Err(StoreError::OldUpnTaken(upn)) => return Err(Error::OldUpnTaken(upn)),
                 Err(other) => return Err(internal(other)),
             }
         }
@@ -427,6 +620,11 @@ impl Service {
                 &[Role::GlobalAdministrator, Role::BillingAdministrator]
             }
             Action::ManageUsers => USER_MANAGERS,
+            Action::ManageLicenses => &[
+                Role::GlobalAdministrator,
+                Role::UserAdministrator,
+                Role::LicenseAdministrator,
+            ],
             Action::ReadSubscriptions => &[],
         };
         let granted_by = needed.iter().find(|&&r| caller.roles.contains(r));
@@ -453,6 +651,29 @@ impl Service {
     }
 }
 
+/// The writes a user manager makes on one user (see `Service::as_user_manager`).
+#[derive(Debug, Clone, Copy)]
+enum Write<'a> {
+    Delete { delete_time: i64, purge_time: i64 },
+    Restore { new_upn: Option<&'a str>, now: i64 },
+    Purge { now: i64 },
+}
+
+/// A UPN of a user of `directory` must be in its initial domain.
+fn check_domain(upn: &Upn, directory: &Directory, field: &str) -> Result<()> {
+    if upn.domain() == directory.initial_domain {
+        return Ok(());
+    }
+    Err(Refusal::InvalidArgument(vec![Violation::new(
+        field,
+        format!(
+            "the domain must be the directory's domain {}",
+            directory.initial_domain
+        ),
+    )])
+    .into())
+}
+
 /// A role's name as people read it.
 pub fn role_name(role: Role) -> &'static str {
     match role {
@@ -461,5 +682,6 @@ pub fn role_name(role: Role) -> &'static str {
         Role::UserAdministrator => "User Administrator",
         Role::PasswordAdministrator => "Password Administrator",
         Role::ServiceAdministrator => "Service Administrator",
+        Role::LicenseAdministrator => "License Administrator",
     }
 }

@@ -24,6 +24,9 @@ pub struct User {
     pub roles: RoleSet,
     /// Microseconds since the Unix epoch.
     pub create_time: i64,
+    /// Moved on by every restore: a token names the generation it was issued for, and only
+    /// the current one is accepted, so no token issued before a deletion works after it.
+    pub token_generation: u32,
 }
 
 impl User {
@@ -31,6 +34,24 @@ impl User {
     pub fn upn_key(&self) -> String {
         self.upn.to_ascii_lowercase()
     }
+}
+
+/// A user in its directory's deleted users, restorable until `purge_time`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedUser {
+    pub user: User,
+    /// Microseconds since the Unix epoch.
+    pub delete_time: i64,
+    /// `delete_time` plus the retention: from then on the user is gone for good.
+    pub purge_time: i64,
+}
+
+/// One page of deleted users.
+#[derive(Debug)]
+pub struct DeletedUserPage {
+    pub users: Vec<DeletedUser>,
+    /// Empty on the last page.
+    pub next_page_token: String,
 }
 
 /// A successful sign-in.

@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 
-use super::model::{Directory, User};
+use super::model::{DeletedUser, Directory, User};
 use super::types::RoleSet;
 
 /// Who is writing, and the roles the domain's permission decision was based on. Every write
@@ -33,6 +33,9 @@ pub enum StoreError {
     DomainTaken,
     #[error("user principal name already taken")]
     UpnTaken,
+    /// A restore without a new UPN: the user's old UPN was taken while it was deleted.
+    #[error("the user's old user principal name is taken")]
+    OldUpnTaken(String),
     #[error("no such user in the directory")]
     UserNotFound,
     #[error("the user holds roles")]
@@ -99,13 +102,60 @@ pub trait DirectoryStore: Send + Sync + 'static {
         actor: &Actor,
     ) -> Result<User, StoreError>;
 
-    /// Deletes the user on behalf of `actor`, unless no Global Administrator would remain, or
-    /// `only_without_roles` and the user holds a role.
+    /// Moves the user to the directory's deleted users on behalf of `actor`, unless no Global
+    /// Administrator would remain, or `only_without_roles` and the user holds a role. Its UPN
+    /// is free once this returns.
     async fn delete_user(
         &self,
-        directory_id: &str,
-        user_id: &str,
-        only_without_roles: bool,
+        target: Target<'_>,
         actor: &Actor,
+        delete_time: i64,
+        purge_time: i64,
     ) -> Result<(), StoreError>;
+
+    /// Up to `limit` of the directory's deleted users whose `purge_time` is after `now`,
+    /// ordered by lower-cased UPN then id, after `after` (a UPN key and an id; `None`: from
+    /// the start).
+    async fn list_deleted_users(
+        &self,
+        directory_id: &str,
+        now: i64,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<DeletedUser>, StoreError>;
+
+    /// Brings a deleted user whose `purge_time` is after `now` back on behalf of `actor`,
+    /// under `new_upn` if given (`UpnTaken` if it is taken) or its old UPN
+    /// (`OldUpnTaken`), with its token generation moved on. `UserNotFound` when the user is
+    /// not among the directory's deleted users; `HasRoles` when `only_without_roles` and it
+    /// holds a role.
+    async fn restore_user(
+        &self,
+        target: Target<'_>,
+        new_upn: Option<&str>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<User, StoreError>;
+
+    /// Deletes a deleted user whose `purge_time` is after `now` for good, on behalf of
+    /// `actor`; the same refusals as [`DirectoryStore::restore_user`].
+    async fn purge_user(
+        &self,
+        target: Target<'_>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes for good up to `limit` deleted users (of any directory) whose `purge_time` is
+    /// at or before `now`; how many went.
+    async fn purge_expired(&self, now: i64, limit: u32) -> Result<u64, StoreError>;
+}
+
+/// The user a write is about, in the acting user's directory.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub directory_id: &'a str,
+    pub user_id: &'a str,
+    /// Refuse (`HasRoles`) if the user holds any role: the actor is a User Administrator.
+    pub only_without_roles: bool,
 }

@@ -1,22 +1,25 @@
 //! Access tokens: compact, HMAC-SHA256-signed bearer tokens under a key kept in the database
 //! (so every replica and every restart accepts them), expiring after a configured time.
 //!
-//! A token only names the user and directory; roles are always read from the store.
+//! A token only names the user, its directory and the user's token generation; roles are
+//! always read from the store. Restoring a deleted user moves its generation on, so a token
+//! issued before the deletion never works again.
 //!
-//! Layout, before base64url (no padding) encoding, 57 bytes in all (76 characters):
+//! Layout, before base64url (no padding) encoding, 61 bytes in all (82 characters):
 //!
 //! | bytes | content |
 //! |---|---|
-//! | 1 | format version, `1` |
+//! | 1 | format version, `2` |
 //! | 16 | user id (UUID) |
 //! | 16 | directory id (UUID) |
 //! | 8 | expiry, seconds since the epoch, big-endian |
-//! | 16 | HMAC-SHA256 over `access-token:v1:` and the 41 bytes above, first 128 bits |
+//! | 4 | the user's token generation, big-endian |
+//! | 16 | HMAC-SHA256 over `access-token:v2:` and the 45 bytes above, first 128 bits |
 //!
 //! Why not a JWT: the token rides in the `authorization` header of every call, twice on the
 //! billing path (client to billing, billing to directory), and HPACK never indexes it, so each
 //! hop Huffman-codes and decodes it whole. A JWT of the same claims is about 340 characters;
-//! this one is 76, and verifying it is one MAC over 57 bytes, with no JSON
+//! this one is 82, and verifying it is one MAC over 61 bytes, with no JSON
 //! (docs/decisions/compact-access-tokens.md).
 
 use std::time::Duration;
@@ -25,19 +28,21 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use contract::mac::{TAG_LEN, TagKey};
 
-const VERSION: u8 = 1;
-const BODY_LEN: usize = 1 + 16 + 16 + 8;
+const VERSION: u8 = 2;
+const BODY_LEN: usize = 1 + 16 + 16 + 8 + 4;
 const RAW_LEN: usize = BODY_LEN + TAG_LEN;
 /// Characters of an encoded token (base64 without padding: 4 per 3 bytes, rounded up).
 const ENCODED_LEN: usize = (RAW_LEN * 4).div_ceil(3);
 /// Bound into every MAC, so no other token signed under the same key can pass for this one.
-const DOMAIN: &[u8] = b"access-token:v1:";
+const DOMAIN: &[u8] = b"access-token:v2:";
 
 /// Who a valid token names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenSubject {
     pub user_id: String,
     pub directory_id: String,
+    /// The user's token generation when the token was issued (see `User::token_generation`).
+    pub generation: u32,
 }
 
 /// Issues and verifies access tokens.
@@ -78,6 +83,7 @@ impl Tokens {
         raw[1..17].copy_from_slice(user.as_bytes());
         raw[17..33].copy_from_slice(directory.as_bytes());
         raw[33..41].copy_from_slice(&exp.to_be_bytes());
+        raw[41..45].copy_from_slice(&subject.generation.to_be_bytes());
         let tag = self.key.tag(&raw[..BODY_LEN]);
         raw[BODY_LEN..].copy_from_slice(&tag);
         Ok((URL_SAFE_NO_PAD.encode(raw), exp))
@@ -103,11 +109,13 @@ impl Tokens {
         if now_micros >= exp.saturating_mul(1_000_000) {
             return None;
         }
+        let generation = u32::from_be_bytes(raw[41..45].try_into().ok()?);
         let user = uuid::Uuid::from_slice(&raw[1..17]).ok()?;
         let directory = uuid::Uuid::from_slice(&raw[17..33]).ok()?;
         Some(TokenSubject {
             user_id: user.to_string(),
             directory_id: directory.to_string(),
+            generation,
         })
     }
 }
@@ -129,6 +137,7 @@ mod tests {
         TokenSubject {
             user_id: "6f1c2a9e-3b4d-4e5f-8a7b-0c1d2e3f4a5b".into(),
             directory_id: "0a1b2c3d-4e5f-4a6b-9c7d-8e9f0a1b2c3d".into(),
+            generation: 7,
         }
     }
 
@@ -169,6 +178,19 @@ mod tests {
             .issue(&subject(), now() - 3_600_000_000)
             .expect("issue");
         assert_eq!(tokens.verify(&old, now()), None);
+    }
+
+    #[test]
+    fn tokens_carry_the_generation_they_were_issued_for() {
+        let tokens = Tokens::new(&[1; 32], Duration::from_secs(60));
+        let next = TokenSubject {
+            generation: 8,
+            ..subject()
+        };
+        let (old, _) = tokens.issue(&subject(), now()).expect("issue");
+        let (new, _) = tokens.issue(&next, now()).expect("issue");
+        assert_eq!(tokens.verify(&old, now()).map(|s| s.generation), Some(7));
+        assert_eq!(tokens.verify(&new, now()).map(|s| s.generation), Some(8));
     }
 
     #[test]
@@ -221,6 +243,7 @@ mod tests {
             let subject = TokenSubject {
                 user_id,
                 directory_id,
+                generation: 0,
             };
             assert!(tokens.issue(&subject, now()).is_err(), "{subject:?}");
         }
@@ -229,11 +252,11 @@ mod tests {
     /// Bodies the verifier must refuse even under a genuine tag of this key: it checks more
     /// than the MAC.
     #[test]
-    fn only_version_1_is_accepted() {
+    fn only_version_2_is_accepted() {
         let tokens = Tokens::new(&[1; 32], Duration::from_secs(60));
         let (token, _) = tokens.issue(&subject(), now()).expect("issue");
         let mut raw = URL_SAFE_NO_PAD.decode(&token).expect("base64");
-        raw[0] = 2;
+        raw[0] = 1;
         let tag = tokens.key.tag(&raw[..BODY_LEN]);
         raw[BODY_LEN..].copy_from_slice(&tag);
         assert_eq!(tokens.verify(&URL_SAFE_NO_PAD.encode(&raw), now()), None);

@@ -195,15 +195,17 @@ pub enum Role {
     UserAdministrator,
     PasswordAdministrator,
     ServiceAdministrator,
+    LicenseAdministrator,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Role::GlobalAdministrator,
         Role::BillingAdministrator,
         Role::UserAdministrator,
         Role::PasswordAdministrator,
         Role::ServiceAdministrator,
+        Role::LicenseAdministrator,
     ];
 
     fn bit(self) -> i64 {
@@ -213,6 +215,7 @@ impl Role {
             Role::UserAdministrator => 1 << 3,
             Role::PasswordAdministrator => 1 << 4,
             Role::ServiceAdministrator => 1 << 5,
+            Role::LicenseAdministrator => 1 << 6,
         }
     }
 }
@@ -267,6 +270,7 @@ pub enum Action {
     ManageSubscriptions,
     ReadSubscriptions,
     ManageUsers,
+    ManageLicenses,
 }
 
 /// How a user is looked up by GetUser.
@@ -293,6 +297,13 @@ pub struct NewUser {
     pub display_name: String,
     pub password: Password,
     pub roles: RoleSet,
+}
+
+/// A validated page request of ListDeletedUsers.
+#[derive(Debug)]
+pub struct Page {
+    pub page_size: u32,
+    pub page_token: String,
 }
 
 /// A validated ListUsers request.

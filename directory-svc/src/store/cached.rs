@@ -5,7 +5,8 @@
 //! GetUser.
 //!
 //! Correctness rests on [`storage::cache::OwnedCache`]'s protocol: the writes that change a
-//! cached user (SetUserRoles, DeleteUser) hold a write guard until they have committed (and,
+//! cached user (SetUserRoles, DeleteUser, RestoreUser) hold a write guard until they have
+//! committed (and,
 //! on PostgreSQL, until every other replica's cache has dropped the user), so a role change or
 //! a deletion applies to the next call exactly as it did without the cache.
 //! New users and directories need no invalidation (absent rows are never cached), and a
@@ -17,8 +18,8 @@ use async_trait::async_trait;
 use storage::cache::{Invalidate, Lease, OwnedCache};
 use storage::database::PeerCaches;
 
-use super::{Actor, DirectoryStore, StoreError};
-use crate::domain::model::{Directory, User};
+use super::{Actor, DirectoryStore, StoreError, Target};
+use crate::domain::model::{DeletedUser, Directory, User};
 use crate::domain::types::RoleSet;
 
 pub struct CachedStore {
@@ -133,23 +134,89 @@ impl DirectoryStore for CachedStore {
 
     async fn delete_user(
         &self,
-        directory_id: &str,
-        user_id: &str,
-        only_without_roles: bool,
+        target: Target<'_>,
         actor: &Actor,
+        delete_time: i64,
+        purge_time: i64,
     ) -> Result<(), StoreError> {
-        let (inner, directory_id, id, actor) = (
-            self.inner.clone(),
-            directory_id.to_owned(),
-            user_id.to_owned(),
-            actor.clone(),
-        );
+        let (inner, owned, actor) = (self.inner.clone(), Owned::of(target), actor.clone());
         self.users
-            .write_through(user_id, async move {
+            .write_through(target.user_id, async move {
                 inner
-                    .delete_user(&directory_id, &id, only_without_roles, &actor)
+                    .delete_user(owned.target(), &actor, delete_time, purge_time)
                     .await
             })
             .await
+    }
+
+    async fn list_deleted_users(
+        &self,
+        directory_id: &str,
+        now: i64,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<DeletedUser>, StoreError> {
+        self.inner
+            .list_deleted_users(directory_id, now, after, limit)
+            .await
+    }
+
+    /// A restored user was absent, and absent rows are never cached; the guard still keeps a
+    /// read that began before the restore from filling the cache with the row it replaced.
+    async fn restore_user(
+        &self,
+        target: Target<'_>,
+        new_upn: Option<&str>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<User, StoreError> {
+        let (inner, owned, actor) = (self.inner.clone(), Owned::of(target), actor.clone());
+        let new_upn = new_upn.map(str::to_owned);
+        self.users
+            .write_through(target.user_id, async move {
+                inner
+                    .restore_user(owned.target(), new_upn.as_deref(), &actor, now)
+                    .await
+            })
+            .await
+    }
+
+    /// Deleted users are never cached.
+    async fn purge_user(
+        &self,
+        target: Target<'_>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.purge_user(target, actor, now).await
+    }
+
+    async fn purge_expired(&self, now: i64, limit: u32) -> Result<u64, StoreError> {
+        self.inner.purge_expired(now, limit).await
+    }
+}
+
+/// A [`Target`] owned, for a write the cache runs as a `'static` future.
+struct Owned {
+    directory_id: String,
+    user_id: String,
+    only_without_roles: bool,
+}
+
+impl Owned {
+    fn of(target: Target<'_>) -> Self {
+        Self {
+            directory_id: target.directory_id.to_owned(),
+            user_id: target.user_id.to_owned(),
+            only_without_roles: target.only_without_roles,
+        }
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target {
+            directory_id: &self.directory_id,
+            user_id: &self.user_id,
+            only_without_roles: self.only_without_roles,
+        }
     }
 }

@@ -9,8 +9,8 @@ use storage::batch::PointReads;
 use storage::db::{Engine, WriteGate};
 use storage::peers::Peers;
 
-use super::{Actor, DirectoryStore, StoreError};
-use crate::domain::model::{Directory, User};
+use super::{Actor, DirectoryStore, StoreError, Target};
+use crate::domain::model::{DeletedUser, Directory, User};
 use crate::domain::types::{Role, RoleSet};
 
 /// Migrations embedded in the binary, run at start.
@@ -27,7 +27,8 @@ pub struct SqlStore {
     peers: Option<Arc<Peers>>,
 }
 
-const USER_COLUMNS: &str = "id, directory_id, upn, display_name, roles, create_time";
+const USER_COLUMNS: &str =
+    "id, directory_id, upn, display_name, roles, create_time, token_generation";
 
 /// The kind of row the caches of users are invalidated by.
 pub const USERS: &str = "users";
@@ -92,6 +93,16 @@ fn user_from_row(row: &AnyRow) -> Result<User, sqlx::Error> {
         display_name: row.try_get("display_name")?,
         roles: RoleSet::from_bits(row.try_get("roles")?),
         create_time: row.try_get("create_time")?,
+        token_generation: u32::try_from(row.try_get::<i64, _>("token_generation")?)
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+    })
+}
+
+fn deleted_user_from_row(row: &AnyRow) -> Result<DeletedUser, sqlx::Error> {
+    Ok(DeletedUser {
+        user: user_from_row(row)?,
+        delete_time: row.try_get("delete_time")?,
+        purge_time: row.try_get("purge_time")?,
     })
 }
 
@@ -199,7 +210,7 @@ impl DirectoryStore for SqlStore {
 
     async fn user_by_upn(&self, upn_key: &str) -> Result<Option<User>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, directory_id, upn, display_name, roles, create_time FROM users WHERE upn_key = $1",
+            "SELECT id, directory_id, upn, display_name, roles, create_time, token_generation FROM users WHERE upn_key = $1",
         )
         .bind(upn_key)
         .fetch_optional(&self.pool)
@@ -209,7 +220,7 @@ impl DirectoryStore for SqlStore {
 
     async fn credentials(&self, upn_key: &str) -> Result<Option<(User, String)>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, directory_id, upn, display_name, roles, create_time, password_hash FROM users WHERE upn_key = $1",
+            "SELECT id, directory_id, upn, display_name, roles, create_time, token_generation, password_hash FROM users WHERE upn_key = $1",
         )
         .bind(upn_key)
         .fetch_optional(&self.pool)
@@ -242,7 +253,7 @@ impl DirectoryStore for SqlStore {
         limit: u32,
     ) -> Result<Vec<User>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, directory_id, upn, display_name, roles, create_time FROM users \
+            "SELECT id, directory_id, upn, display_name, roles, create_time, token_generation FROM users \
              WHERE directory_id = $1 AND upn_key > $2 AND ($3 = 0 OR (roles & $3) <> 0) \
              ORDER BY upn_key LIMIT $4",
         )
@@ -282,7 +293,7 @@ impl DirectoryStore for SqlStore {
             return Err(StoreError::LastGlobalAdministrator);
         }
         let row = sqlx::query(
-            "SELECT id, directory_id, upn, display_name, roles, create_time FROM users WHERE id = $1",
+            "SELECT id, directory_id, upn, display_name, roles, create_time, token_generation FROM users WHERE id = $1",
         )
         .bind(user_id)
         .fetch_one(&mut *tx)
@@ -297,11 +308,16 @@ impl DirectoryStore for SqlStore {
 
     async fn delete_user(
         &self,
-        directory_id: &str,
-        user_id: &str,
-        only_without_roles: bool,
+        target: Target<'_>,
         actor: &Actor,
+        delete_time: i64,
+        purge_time: i64,
     ) -> Result<(), StoreError> {
+        let Target {
+            directory_id,
+            user_id,
+            only_without_roles,
+        } = target;
         let _turn = self.writers.enter().await;
         let mut tx = self.pool.begin().await?;
         lock_for(&mut tx, directory_id, actor).await?;
@@ -322,6 +338,17 @@ impl DirectoryStore for SqlStore {
         if only_without_roles && !RoleSet::from_bits(roles).is_empty() {
             return Err(StoreError::HasRoles);
         }
+        sqlx::query(
+            "INSERT INTO deleted_users (id, directory_id, upn, upn_key, display_name, password_hash, roles, create_time, token_generation, delete_time, purge_time) \
+             SELECT id, directory_id, upn, upn_key, display_name, password_hash, roles, create_time, token_generation, $3, $4 \
+             FROM users WHERE id = $1 AND directory_id = $2",
+        )
+        .bind(user_id)
+        .bind(directory_id)
+        .bind(delete_time)
+        .bind(purge_time)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("DELETE FROM users WHERE id = $1 AND directory_id = $2")
             .bind(user_id)
             .bind(directory_id)
@@ -336,6 +363,122 @@ impl DirectoryStore for SqlStore {
         self.settle().await;
         Ok(())
     }
+
+    async fn list_deleted_users(
+        &self,
+        directory_id: &str,
+        now: i64,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<DeletedUser>, StoreError> {
+        let (after_key, after_id) = after.unwrap_or(("", ""));
+        let rows = sqlx::query(
+            "SELECT id, directory_id, upn, display_name, roles, create_time, token_generation, delete_time, purge_time \
+             FROM deleted_users \
+             WHERE directory_id = $1 AND purge_time > $2 AND (upn_key > $3 OR (upn_key = $3 AND id > $4)) \
+             ORDER BY upn_key, id LIMIT $5",
+        )
+        .bind(directory_id)
+        .bind(now)
+        .bind(after_key)
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(deleted_user_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn restore_user(
+        &self,
+        target: Target<'_>,
+        new_upn: Option<&str>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<User, StoreError> {
+        let _turn = self.writers.enter().await;
+        let mut tx = self.pool.begin().await?;
+        lock_for(&mut tx, target.directory_id, actor).await?;
+        // Taking the row out is the claim: a purge racing this restore deletes it first (and
+        // this finds nothing) or finds nothing itself.
+        let Some(row) = take_deleted(&mut tx, target, now).await? else {
+            return Err(StoreError::UserNotFound);
+        };
+        let deleted = user_from_row(&row)?;
+        if target.only_without_roles && !deleted.roles.is_empty() {
+            return Err(StoreError::HasRoles);
+        }
+        let password_hash: String = row.try_get("password_hash")?;
+        let old_upn = deleted.upn.clone();
+        let user = User {
+            upn: new_upn.map_or(deleted.upn.clone(), str::to_owned),
+            token_generation: deleted.token_generation.wrapping_add(1),
+            ..deleted
+        };
+        match insert_user(&mut tx, &user, &password_hash).await {
+            Err(StoreError::UpnTaken) if new_upn.is_none() => {
+                return Err(StoreError::OldUpnTaken(old_upn));
+            }
+            other => other?,
+        }
+        self.announce(&mut tx, &user.id).await?;
+        tx.commit().await?;
+        drop(_turn);
+        self.settle().await;
+        Ok(user)
+    }
+
+    async fn purge_user(
+        &self,
+        target: Target<'_>,
+        actor: &Actor,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let _turn = self.writers.enter().await;
+        let mut tx = self.pool.begin().await?;
+        lock_for(&mut tx, target.directory_id, actor).await?;
+        let Some(row) = take_deleted(&mut tx, target, now).await? else {
+            return Err(StoreError::UserNotFound);
+        };
+        if target.only_without_roles && !user_from_row(&row)?.roles.is_empty() {
+            return Err(StoreError::HasRoles);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn purge_expired(&self, now: i64, limit: u32) -> Result<u64, StoreError> {
+        let _turn = self.writers.enter().await;
+        let purged = sqlx::query(
+            "DELETE FROM deleted_users WHERE id IN \
+             (SELECT id FROM deleted_users WHERE purge_time <= $1 ORDER BY purge_time LIMIT $2)",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(purged.rows_affected())
+    }
+}
+
+/// Takes a deleted user out of the recycle bin within `tx`, if it is there and not past its
+/// purge time: the row, with its password hash.
+async fn take_deleted(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    target: Target<'_>,
+    now: i64,
+) -> Result<Option<AnyRow>, sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM deleted_users WHERE id = $1 AND directory_id = $2 AND purge_time > $3 \
+         RETURNING id, directory_id, upn, display_name, roles, create_time, token_generation, password_hash",
+    )
+    .bind(target.user_id)
+    .bind(target.directory_id)
+    .bind(now)
+    .fetch_optional(&mut **tx)
+    .await
 }
 
 async fn insert_user(
@@ -344,8 +487,8 @@ async fn insert_user(
     password_hash: &str,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO users (id, directory_id, upn, upn_key, display_name, password_hash, roles, create_time) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO users (id, directory_id, upn, upn_key, display_name, password_hash, roles, create_time, token_generation) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(&user.id)
     .bind(&user.directory_id)
@@ -355,6 +498,7 @@ async fn insert_user(
     .bind(password_hash)
     .bind(user.roles.bits())
     .bind(user.create_time)
+    .bind(i64::from(user.token_generation))
     .execute(&mut **tx)
     .await
     .map_err(|e| on_unique(e, StoreError::UpnTaken))?;

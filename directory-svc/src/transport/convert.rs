@@ -7,10 +7,10 @@ use contract::refusal::Refusal;
 use contract::time::timestamp;
 
 use crate::domain::Error;
-use crate::domain::model::{Decision, Directory, User};
+use crate::domain::model::{Decision, DeletedUser, Directory, User};
 use crate::domain::types::{
-    Action, DomainPrefix, ListUsersQuery, NewDirectory, NewUser, Password, Role, RoleSet, Upn,
-    UserLookup, UserName,
+    Action, DomainPrefix, ListUsersQuery, NewDirectory, NewUser, Page, Password, Role, RoleSet,
+    Upn, UserLookup, UserName,
 };
 
 /// Finishes a conversion: the value if every field was good, else all violations at once.
@@ -29,6 +29,7 @@ fn role(field: &str, raw: i32) -> Result<Option<Role>, Violation> {
         Ok(pb::Role::UserAdministrator) => Ok(Some(Role::UserAdministrator)),
         Ok(pb::Role::PasswordAdministrator) => Ok(Some(Role::PasswordAdministrator)),
         Ok(pb::Role::ServiceAdministrator) => Ok(Some(Role::ServiceAdministrator)),
+        Ok(pb::Role::LicenseAdministrator) => Ok(Some(Role::LicenseAdministrator)),
         Err(_) => Err(Violation::new(field, format!("unknown role {raw}"))),
     }
 }
@@ -63,6 +64,7 @@ fn role_to_pb(role: Role) -> pb::Role {
         Role::UserAdministrator => pb::Role::UserAdministrator,
         Role::PasswordAdministrator => pb::Role::PasswordAdministrator,
         Role::ServiceAdministrator => pb::Role::ServiceAdministrator,
+        Role::LicenseAdministrator => pb::Role::LicenseAdministrator,
     }
 }
 
@@ -197,6 +199,47 @@ pub fn delete_user(req: pb::DeleteUserRequest) -> Result<uuid::Uuid, Error> {
     done(v, || id)
 }
 
+pub fn list_deleted_users(req: pb::ListDeletedUsersRequest) -> Result<Page, Error> {
+    let pb::ListDeletedUsersRequest {
+        page_size,
+        page_token,
+    } = req;
+    let mut v = Violations::new();
+    let page_size = v.check(fields::page_size("page_size", page_size));
+    done(v, || {
+        Some(Page {
+            page_size: page_size?,
+            page_token,
+        })
+    })
+}
+
+pub fn restore_user(req: pb::RestoreUserRequest) -> Result<(uuid::Uuid, Option<Upn>), Error> {
+    let pb::RestoreUserRequest {
+        user_id,
+        new_user_principal_name,
+    } = req;
+    let mut v = Violations::new();
+    let id = v.check(fields::id("user_id", &user_id));
+    let upn = if new_user_principal_name.is_empty() {
+        Some(None)
+    } else {
+        v.check(Upn::parse(
+            "new_user_principal_name",
+            &new_user_principal_name,
+        ))
+        .map(Some)
+    };
+    done(v, || Some((id?, upn?)))
+}
+
+pub fn purge_user(req: pb::PurgeUserRequest) -> Result<uuid::Uuid, Error> {
+    let pb::PurgeUserRequest { user_id } = req;
+    let mut v = Violations::new();
+    let id = v.check(fields::id("user_id", &user_id));
+    done(v, || id)
+}
+
 pub fn authorize(req: pb::AuthorizeRequest) -> Result<Action, Error> {
     let pb::AuthorizeRequest { action } = req;
     let mut v = Violations::new();
@@ -205,6 +248,7 @@ pub fn authorize(req: pb::AuthorizeRequest) -> Result<Action, Error> {
         Ok(pb::Action::ManageSubscriptions) => Some(Action::ManageSubscriptions),
         Ok(pb::Action::ReadSubscriptions) => Some(Action::ReadSubscriptions),
         Ok(pb::Action::ManageUsers) => Some(Action::ManageUsers),
+        Ok(pb::Action::ManageLicenses) => Some(Action::ManageLicenses),
         Ok(pb::Action::Unspecified) => {
             v.push(Violation::new("action", "must be set to an action"));
             None
@@ -225,6 +269,16 @@ pub fn user(user: User) -> pb::User {
         directory_id: user.directory_id,
         user_principal_name: user.upn,
         display_name: user.display_name,
+        delete_time: None,
+        purge_time: None,
+    }
+}
+
+pub fn deleted_user(deleted: DeletedUser) -> pb::User {
+    pb::User {
+        delete_time: Some(timestamp(deleted.delete_time)),
+        purge_time: Some(timestamp(deleted.purge_time)),
+        ..user(deleted.user)
     }
 }
 

@@ -156,6 +156,44 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
         Ok(reply(()))
     }
 
+    async fn list_deleted_users(
+        &self,
+        request: Request<pb::ListDeletedUsersRequest>,
+    ) -> Reply<pb::ListDeletedUsersResponse> {
+        let caller = self.caller(&request).await?;
+        let page = convert::list_deleted_users(request.into_inner()).map_err(to_status)?;
+        let page = self
+            .service
+            .list_deleted_users(&caller, page)
+            .await
+            .map_err(to_status)?;
+        Ok(reply(pb::ListDeletedUsersResponse {
+            users: page.users.into_iter().map(convert::deleted_user).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn restore_user(&self, request: Request<pb::RestoreUserRequest>) -> Reply<pb::User> {
+        let caller = self.caller(&request).await?;
+        let (id, upn) = convert::restore_user(request.into_inner()).map_err(to_status)?;
+        let user = self
+            .service
+            .restore_user(&caller, id, upn)
+            .await
+            .map_err(to_status)?;
+        Ok(reply(convert::user(user)))
+    }
+
+    async fn purge_user(&self, request: Request<pb::PurgeUserRequest>) -> Reply<()> {
+        let caller = self.caller(&request).await?;
+        let id = convert::purge_user(request.into_inner()).map_err(to_status)?;
+        self.service
+            .purge_user(&caller, id)
+            .await
+            .map_err(to_status)?;
+        Ok(reply(()))
+    }
+
     async fn authorize(
         &self,
         request: Request<pb::AuthorizeRequest>,

@@ -27,6 +27,7 @@ pub fn to_status(err: Error) -> Status {
         Error::NotFound(Resource::User) => (Code::NotFound, "USER_NOT_FOUND", vec![]),
         Error::DomainTaken(_) => (Code::AlreadyExists, "DOMAIN_PREFIX_TAKEN", vec![]),
         Error::UpnTaken(_) => (Code::AlreadyExists, "USER_PRINCIPAL_NAME_TAKEN", vec![]),
+        Error::OldUpnTaken(_) => (Code::AlreadyExists, "UPN_TAKEN", vec![]),
         Error::LastGlobalAdministrator => (
             Code::FailedPrecondition,
             "LAST_GLOBAL_ADMINISTRATOR",
