@@ -381,7 +381,13 @@ impl Service {
             may_set(actor.roles)?;
             match self
                 .store
-                .set_roles(&caller.directory_id, &id, roles, &actor)
+                .set_roles(
+                    &caller.directory_id,
+                    &id,
+                    roles,
+                    &actor,
+                    self.clock.now_micros(),
+                )
                 .await
             {
                 Ok(user) => return Ok(user),

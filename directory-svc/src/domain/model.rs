@@ -54,6 +54,18 @@ pub struct DeletedUserPage {
     pub next_page_token: String,
 }
 
+/// What a change recorded in the change feed's outbox is (the values of
+/// `directory.v1.ChangeType`). The store records one in the transaction of each write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    DirectoryCreated = 2,
+    UserCreated = 3,
+    UserRolesChanged = 4,
+    UserDeleted = 5,
+    UserRestored = 6,
+    UserPurged = 7,
+}
+
 /// A successful sign-in.
 #[derive(Debug)]
 pub struct SignedIn {

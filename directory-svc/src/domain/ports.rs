@@ -1,6 +1,7 @@
 //! The domain's ports: what it needs from persistence, as a trait the store implements.
 //! The store classifies its database's failures into [`StoreError`]; the domain never sees a
-//! database type.
+//! database type. Every write records its change (`model::ChangeKind`) in the change feed's
+//! outbox in its own transaction; a write that changes nothing records nothing.
 
 use async_trait::async_trait;
 
@@ -92,14 +93,15 @@ pub trait DirectoryStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<User>, StoreError>;
 
-    /// Replaces the user's roles on behalf of `actor`, unless no Global Administrator would
-    /// remain.
+    /// Replaces the user's roles on behalf of `actor` at `now`, unless no Global Administrator
+    /// would remain.
     async fn set_roles(
         &self,
         directory_id: &str,
         user_id: &str,
         roles: RoleSet,
         actor: &Actor,
+        now: i64,
     ) -> Result<User, StoreError>;
 
     /// Moves the user to the directory's deleted users on behalf of `actor`, unless no Global

@@ -118,6 +118,7 @@ impl DirectoryStore for CachedStore {
         user_id: &str,
         roles: RoleSet,
         actor: &Actor,
+        now: i64,
     ) -> Result<User, StoreError> {
         let (inner, directory_id, id, actor) = (
             self.inner.clone(),
@@ -127,7 +128,9 @@ impl DirectoryStore for CachedStore {
         );
         self.users
             .write_through(user_id, async move {
-                inner.set_roles(&directory_id, &id, roles, &actor).await
+                inner
+                    .set_roles(&directory_id, &id, roles, &actor, now)
+                    .await
             })
             .await
     }

@@ -4,6 +4,7 @@
 //! enforced here, inside one transaction or by a unique index, never by check-then-write.
 
 mod cached;
+mod changes;
 mod sql;
 
 pub use cached::CachedStore;

@@ -9,8 +9,9 @@ use storage::batch::PointReads;
 use storage::db::{Engine, WriteGate};
 use storage::peers::Peers;
 
+use super::changes::{self, Change};
 use super::{Actor, DirectoryStore, StoreError, Target};
-use crate::domain::model::{DeletedUser, Directory, User};
+use crate::domain::model::{ChangeKind, DeletedUser, Directory, User};
 use crate::domain::types::{Role, RoleSet};
 
 /// Migrations embedded in the binary, run at start.
@@ -190,6 +191,11 @@ impl DirectoryStore for SqlStore {
         .await
         .map_err(|e| on_unique(e, StoreError::DomainTaken))?;
         insert_user(&mut tx, admin, password_hash).await?;
+        let recorded = [
+            Change::directory(ChangeKind::DirectoryCreated, directory)?,
+            Change::user(ChangeKind::UserCreated, admin)?,
+        ];
+        changes::record(&mut tx, &recorded, directory.create_time).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -241,6 +247,8 @@ impl DirectoryStore for SqlStore {
         let mut tx = self.pool.begin().await?;
         lock_for(&mut tx, &user.directory_id, actor).await?;
         insert_user(&mut tx, user, password_hash).await?;
+        let recorded = [Change::user(ChangeKind::UserCreated, user)?];
+        changes::record(&mut tx, &recorded, user.create_time).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -272,10 +280,17 @@ impl DirectoryStore for SqlStore {
         user_id: &str,
         roles: RoleSet,
         actor: &Actor,
+        now: i64,
     ) -> Result<User, StoreError> {
         let _turn = self.writers.enter().await;
         let mut tx = self.pool.begin().await?;
         lock_for(&mut tx, directory_id, actor).await?;
+        let before: Option<i64> =
+            sqlx::query_scalar("SELECT roles FROM users WHERE id = $1 AND directory_id = $2")
+                .bind(user_id)
+                .bind(directory_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         let updated =
             sqlx::query("UPDATE users SET roles = $1 WHERE id = $2 AND directory_id = $3")
                 .bind(roles.bits())
@@ -299,6 +314,11 @@ impl DirectoryStore for SqlStore {
         .fetch_one(&mut *tx)
         .await?;
         let user = user_from_row(&row)?;
+        // The same roles again: the user is returned unchanged, and nothing is recorded.
+        if before.map(RoleSet::from_bits) != Some(user.roles) {
+            let recorded = [Change::user(ChangeKind::UserRolesChanged, &user)?];
+            changes::record(&mut tx, &recorded, now).await?;
+        }
         self.announce(&mut tx, user_id).await?;
         tx.commit().await?;
         drop(_turn);
@@ -321,13 +341,15 @@ impl DirectoryStore for SqlStore {
         let _turn = self.writers.enter().await;
         let mut tx = self.pool.begin().await?;
         lock_for(&mut tx, directory_id, actor).await?;
-        let roles: Option<i64> =
-            sqlx::query_scalar("SELECT roles FROM users WHERE id = $1 AND directory_id = $2")
-                .bind(user_id)
-                .bind(directory_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(roles) = roles else {
+        let row = sqlx::query(
+            "SELECT id, directory_id, upn, display_name, roles, create_time, token_generation FROM users \
+             WHERE id = $1 AND directory_id = $2",
+        )
+        .bind(user_id)
+        .bind(directory_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
             // Perhaps deleted by a call that has not answered yet: answer only once every
             // replica's cache has let the user go.
             drop(tx);
@@ -335,7 +357,8 @@ impl DirectoryStore for SqlStore {
             self.settle().await;
             return Err(StoreError::UserNotFound);
         };
-        if only_without_roles && !RoleSet::from_bits(roles).is_empty() {
+        let user = user_from_row(&row)?;
+        if only_without_roles && !user.roles.is_empty() {
             return Err(StoreError::HasRoles);
         }
         sqlx::query(
@@ -357,6 +380,13 @@ impl DirectoryStore for SqlStore {
         if global_admins(&mut tx, directory_id).await? == 0 {
             return Err(StoreError::LastGlobalAdministrator);
         }
+        let deleted = DeletedUser {
+            user,
+            delete_time,
+            purge_time,
+        };
+        let recorded = [Change::deleted_user(ChangeKind::UserDeleted, &deleted)?];
+        changes::record(&mut tx, &recorded, delete_time).await?;
         self.announce(&mut tx, user_id).await?;
         tx.commit().await?;
         drop(_turn);
@@ -423,6 +453,8 @@ impl DirectoryStore for SqlStore {
             }
             other => other?,
         }
+        let recorded = [Change::user(ChangeKind::UserRestored, &user)?];
+        changes::record(&mut tx, &recorded, now).await?;
         self.announce(&mut tx, &user.id).await?;
         tx.commit().await?;
         drop(_turn);
@@ -442,24 +474,41 @@ impl DirectoryStore for SqlStore {
         let Some(row) = take_deleted(&mut tx, target, now).await? else {
             return Err(StoreError::UserNotFound);
         };
-        if target.only_without_roles && !user_from_row(&row)?.roles.is_empty() {
+        let deleted = deleted_user_from_row(&row)?;
+        if target.only_without_roles && !deleted.user.roles.is_empty() {
             return Err(StoreError::HasRoles);
         }
+        let recorded = [Change::deleted_user(ChangeKind::UserPurged, &deleted)?];
+        changes::record(&mut tx, &recorded, now).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn purge_expired(&self, now: i64, limit: u32) -> Result<u64, StoreError> {
         let _turn = self.writers.enter().await;
-        let purged = sqlx::query(
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
             "DELETE FROM deleted_users WHERE id IN \
-             (SELECT id FROM deleted_users WHERE purge_time <= $1 ORDER BY purge_time LIMIT $2)",
+             (SELECT id FROM deleted_users WHERE purge_time <= $1 ORDER BY purge_time LIMIT $2) \
+             RETURNING id, directory_id, upn, display_name, roles, create_time, token_generation, delete_time, purge_time",
         )
         .bind(now)
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(purged.rows_affected())
+        // Each purged user's change, in the order of their purge times.
+        let mut purged = rows
+            .iter()
+            .map(deleted_user_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        purged.sort_by(|a, b| (a.purge_time, &a.user.id).cmp(&(b.purge_time, &b.user.id)));
+        let recorded = purged
+            .iter()
+            .map(|deleted| Change::deleted_user(ChangeKind::UserPurged, deleted))
+            .collect::<Result<Vec<_>, _>>()?;
+        changes::record(&mut tx, &recorded, now).await?;
+        tx.commit().await?;
+        Ok(purged.len() as u64)
     }
 }
 
@@ -472,7 +521,7 @@ async fn take_deleted(
 ) -> Result<Option<AnyRow>, sqlx::Error> {
     sqlx::query(
         "DELETE FROM deleted_users WHERE id = $1 AND directory_id = $2 AND purge_time > $3 \
-         RETURNING id, directory_id, upn, display_name, roles, create_time, token_generation, password_hash",
+         RETURNING id, directory_id, upn, display_name, roles, create_time, token_generation, delete_time, purge_time, password_hash",
     )
     .bind(target.user_id)
     .bind(target.directory_id)
