@@ -88,6 +88,20 @@ pub fn scrape(port: u16) -> String {
 }
 
 /// A fresh database for one test, removed when dropped.
+/// The rows `query` returns from the test database at `url` (SQLite or PostgreSQL), read
+/// behind the services' back to check what they stored.
+pub async fn query_rows(url: &str, query: &str) -> Vec<sqlx::any::AnyRow> {
+    use sqlx::Connection as _;
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url)
+        .await
+        .expect("connect to the test database");
+    sqlx::query(sqlx::AssertSqlSafe(query.to_owned()))
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{query}: {e}"))
+}
+
 pub struct TestDb {
     pub url: String,
     dir: Option<PathBuf>,

@@ -44,51 +44,15 @@ struct Row {
 
 /// Every change recorded, in cursor order.
 async fn recorded(url: &str) -> Vec<Row> {
-    use sqlx::Connection as _;
     use sqlx::Row as _;
-    const ALL: &str =
-        "SELECT seq, change_time, directory_id, kind, resource FROM changes ORDER BY seq";
-    let rows = if url.starts_with("sqlite:") {
-        let mut conn = sqlx::SqliteConnection::connect(url)
-            .await
-            .expect("open the test database");
-        sqlx::query(ALL)
-            .fetch_all(&mut conn)
-            .await
-            .expect("changes")
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<i64, _>(0),
-                    r.get::<i64, _>(1),
-                    r.get::<String, _>(2),
-                    r.get::<i64, _>(3),
-                    r.get::<String, _>(4),
-                )
-            })
-            .collect::<Vec<_>>()
-    } else {
-        let mut conn = sqlx::PgConnection::connect(url)
-            .await
-            .expect("connect to the test database");
-        sqlx::query(ALL)
-            .fetch_all(&mut conn)
-            .await
-            .expect("changes")
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<i64, _>(0),
-                    r.get::<i64, _>(1),
-                    r.get::<String, _>(2),
-                    r.get::<i64, _>(3),
-                    r.get::<String, _>(4),
-                )
-            })
-            .collect::<Vec<_>>()
-    };
-    rows.into_iter()
-        .map(|(seq, time, directory_id, kind, resource)| {
+    let rows = query_rows(
+        url,
+        "SELECT seq, change_time, directory_id, kind, resource FROM changes ORDER BY seq",
+    )
+    .await;
+    rows.iter()
+        .map(|r| {
+            let resource: String = r.get("resource");
             for secret in [PASSWORD, "argon2", "password", "token"] {
                 assert!(
                     !resource.contains(secret),
@@ -96,10 +60,10 @@ async fn recorded(url: &str) -> Vec<Row> {
                 );
             }
             Row {
-                seq,
-                time,
-                directory_id,
-                kind,
+                seq: r.get("seq"),
+                time: r.get("change_time"),
+                directory_id: r.get("directory_id"),
+                kind: r.get("kind"),
                 resource: serde_json::from_str(&resource).expect("JSON"),
             }
         })

@@ -166,24 +166,19 @@ async fn list_upns(client: &mut Dir, token: &str, role: Option<Role>) -> Vec<Str
 
 /// The rows left in the recycle bin, read from the database itself.
 async fn rows_in_bin(url: &str) -> i64 {
-    use sqlx::Connection as _;
-    const COUNT: &str = "SELECT COUNT(*) FROM deleted_users";
-    if url.starts_with("sqlite:") {
-        let mut conn = sqlx::SqliteConnection::connect(url)
-            .await
-            .expect("open the test database");
-        sqlx::query_scalar(COUNT)
-            .fetch_one(&mut conn)
-            .await
-            .expect("count")
-    } else {
-        let mut conn = sqlx::PgConnection::connect(url)
-            .await
-            .expect("connect to the test database");
-        sqlx::query_scalar(COUNT)
-            .fetch_one(&mut conn)
-            .await
-            .expect("count")
+    use sqlx::Row as _;
+    query_rows(url, "SELECT COUNT(*) AS n FROM deleted_users").await[0].get("n")
+}
+
+/// Waits (the purge task runs every second) until `rows` are left in the recycle bin.
+async fn purged_down_to(url: &str, rows: i64) {
+    let started = Instant::now();
+    while rows_in_bin(url).await != rows {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the purge did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -606,15 +601,8 @@ async fn the_retention_purge_at_its_boundary(backend: Backend) {
         Code::NotFound,
         "USER_NOT_FOUND",
     );
-    // The background purge removes its row (it runs every second), and only its.
-    let started = Instant::now();
-    while rows_in_bin(&db.url).await != 1 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the purge did not run"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The background purge removes its row, and only its.
+    purged_down_to(&db.url, 1).await;
     assert_eq!(
         ids(&deleted_users(&mut client, &t.token).await),
         vec![late.id.clone()]
@@ -622,14 +610,7 @@ async fn the_retention_purge_at_its_boundary(backend: Backend) {
     // The second at its own boundary.
     clock.advance(Duration::from_secs(30));
     assert!(deleted_users(&mut client, &t.token).await.is_empty());
-    let started = Instant::now();
-    while rows_in_bin(&db.url).await != 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the purge did not run"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    purged_down_to(&db.url, 0).await;
     // The UPNs stayed free throughout.
     add_user(&mut client, &t, "early", &[]).await;
 }
