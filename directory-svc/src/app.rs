@@ -6,16 +6,19 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use contract::cursor::Cursors;
 use contract::directory::v1::directory_service_server::{DirectoryServiceServer, SERVICE_NAME};
 use contract::paging::PageTokens;
 use platform::launch::Ready;
 use storage::database::Database;
+use storage::feed::Feed;
 use tonic::service::Routes;
 
 use crate::config::Config;
 use crate::domain::Service;
 use crate::domain::passwords::Passwords;
 use crate::domain::tokens::Tokens;
+use crate::domain::watch::Watching;
 use crate::store::{CachedStore, DirectoryStore, SqlStore};
 use crate::transport::DirectoryApi;
 
@@ -47,6 +50,16 @@ impl platform::launch::Server for Application {
         if let Some(peers) = &database.peers {
             store = store.with_peers(peers.clone());
         }
+        let cursor_key = storage::db::secret(store.pool(), "change-cursor-key").await?;
+        let service_token = storage::service_token::load_or_create(&config.service_token_file)
+            .context("cannot read or create the service token file")?;
+        let feed = Feed::start(
+            store.pool().clone(),
+            &config.database_url,
+            store.outbox(),
+            crate::store::decode_change,
+            config.feed,
+        );
         let store: Arc<dyn DirectoryStore> = Arc::new(store);
         let store = database.cache_in_front(store, config.cache_entries, CachedStore::in_front);
         let service = Service::new(
@@ -57,10 +70,17 @@ impl platform::launch::Server for Application {
             config.limits,
             config.clock.clone(),
             config.deleted_user_retention,
-        );
+        )
+        .with_watching(Watching::new(Some(&service_token), config.change_retention));
         let service = Arc::new(service);
         let purge = service.purge_in_background(config.purge_every);
-        let api = DirectoryApi::new(service);
+        let removal = service.clone();
+        feed.remove_in_background(move || removal.change_cutoff(), config.purge_every);
+        let api = DirectoryApi::new(
+            service,
+            feed.clone(),
+            Cursors::new(&cursor_key, SERVICE_NAME),
+        );
         // Compressed requests accepted, answers compressed when the caller accepts it (and the
         // answer is large enough to gain: `platform::rpc::reply`).
         let server = platform::rpc::ENCODINGS.into_iter().fold(
@@ -68,9 +88,13 @@ impl platform::launch::Server for Application {
                 .max_decoding_message_size(platform::rpc::MAX_MESSAGE_BYTES),
             |server, e| server.accept_compressed(e).send_compressed(e),
         );
-        Ready::new(listener, Routes::new(server), config.serve, async move {
+        let streams = feed.clone();
+        let ready = Ready::new(listener, Routes::new(server), config.serve, async move {
             purge.abort();
+            feed.close();
             database.close().await;
-        })
+        })?;
+        // Open change streams end with UNAVAILABLE at once, rather than hold the drain up.
+        Ok(ready.on_stopping(move || streams.close()))
     }
 }

@@ -1,5 +1,6 @@
 //! Command-line flags (each with an environment variable) and the settings they produce.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -7,6 +8,7 @@ use contract::directory::v1::directory_service_server::SERVICE_NAME;
 use platform::launch::ServeFlags;
 use platform::rpc::ServeOptions;
 use storage::db::{DatabaseFlags, Engine, PoolSettings};
+use storage::feed::FeedSettings;
 
 use crate::domain::AbuseLimits;
 use crate::domain::passwords::Argon2Cost;
@@ -55,10 +57,62 @@ pub struct Cli {
     /// How long a deleted user stays restorable before it is purged for good (30d, 12h, 90s).
     #[arg(long, default_value = "30d", value_parser = platform::launch::human_duration)]
     pub deleted_user_retention: Duration,
+
+    /// The service token's file: trusted services present its token to follow every
+    /// directory's changes (WatchChanges). Created (64 hex characters, mode 0600) when absent;
+    /// never replaced. Replicas share one file, or are each given the same one.
+    #[arg(long, default_value = "data/service-token")]
+    pub service_token_file: PathBuf,
+
+    #[command(flatten)]
+    pub feed: FeedFlags,
+}
+
+/// The change feed's flags (the same in both services).
+#[derive(Debug, Clone, clap::Args)]
+pub struct FeedFlags {
+    /// How long changes are kept for WatchChanges; older cursors get OUT_OF_RANGE (7d, 12h).
+    #[arg(long, default_value = "7d", value_parser = platform::launch::human_duration)]
+    pub change_retention: Duration,
+
+    /// Change streams open at once on this server; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_watch_streams: u32,
+
+    /// A change stream whose reader takes nothing for this long ends with ABORTED
+    /// (CONSUMER_TOO_SLOW).
+    #[arg(long, default_value = "30s", value_parser = platform::launch::human_duration)]
+    pub watch_stall_limit: Duration,
+
+    /// How often an idle change stream gets a bookmark (at most 10s).
+    #[arg(long, default_value = "10s", value_parser = platform::launch::human_duration)]
+    pub watch_bookmark_interval: Duration,
+}
+
+impl FeedFlags {
+    pub fn settings(&self) -> anyhow::Result<FeedSettings> {
+        anyhow::ensure!(
+            self.watch_bookmark_interval <= Duration::from_secs(10)
+                && !self.watch_bookmark_interval.is_zero(),
+            "--watch-bookmark-interval must be more than 0 and at most 10s"
+        );
+        anyhow::ensure!(
+            !self.watch_stall_limit.is_zero(),
+            "--watch-stall-limit must be more than 0"
+        );
+        Ok(FeedSettings {
+            bookmark_every: self.watch_bookmark_interval,
+            stall_limit: self.watch_stall_limit,
+            max_streams: self.max_watch_streams as usize,
+            ..FeedSettings::default()
+        })
+    }
 }
 
 /// The contract's default retention of deleted users.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The contract's default retention of changes.
+pub const DEFAULT_CHANGE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Deleted users are purged within this of their `purge_time` (the contract: 2 s).
 const PURGE_EVERY: Duration = Duration::from_secs(1);
 
@@ -82,6 +136,12 @@ pub struct Config {
     /// How often the purge of deleted users past their retention runs (real time; which are
     /// due is read from `clock`).
     pub purge_every: Duration,
+    /// The service token's file (created when absent).
+    pub service_token_file: PathBuf,
+    /// How long changes are kept for WatchChanges.
+    pub change_retention: Duration,
+    /// Change streams: bookmarks, the stall limit, the queue, the limit of open streams.
+    pub feed: FeedSettings,
 }
 
 impl Config {
@@ -99,6 +159,9 @@ impl Config {
             limits: AbuseLimits::default(),
             deleted_user_retention: DEFAULT_RETENTION,
             purge_every: PURGE_EVERY,
+            service_token_file: PathBuf::from("data/service-token"),
+            change_retention: DEFAULT_CHANGE_RETENTION,
+            feed: FeedSettings::default(),
         }
     }
 }
@@ -130,6 +193,9 @@ impl TryFrom<&Cli> for Config {
             },
             deleted_user_retention: cli.deleted_user_retention,
             purge_every: PURGE_EVERY,
+            service_token_file: cli.service_token_file.clone(),
+            change_retention: cli.feed.change_retention,
+            feed: cli.feed.settings()?,
         })
     }
 }

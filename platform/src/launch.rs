@@ -57,6 +57,7 @@ pub struct Ready {
     routes: Routes,
     options: ServeOptions,
     close: Pin<Box<dyn Future<Output = ()> + Send>>,
+    stopping: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl std::fmt::Debug for Ready {
@@ -83,7 +84,17 @@ impl Ready {
             routes,
             options,
             close: Box::pin(close),
+            stopping: None,
         })
+    }
+
+    /// `stopping` runs as soon as the shutdown signal arrives, before in-flight calls are
+    /// drained: what would hold the drain up (open streams) ends there.
+    pub fn on_stopping(self, stopping: impl FnOnce() + Send + 'static) -> Self {
+        Self {
+            stopping: Some(Box::new(stopping)),
+            ..self
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -93,6 +104,13 @@ impl Ready {
     /// Serves until `shutdown` completes, then reports NOT_SERVING, stops accepting and
     /// drains in-flight calls (at most the configured drain time), then closes.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let stopping = self.stopping;
+        let shutdown = async move {
+            shutdown.await;
+            if let Some(stopping) = stopping {
+                stopping();
+            }
+        };
         let served = crate::rpc::serve(self.listener, self.routes, self.options, shutdown).await;
         self.close.await;
         served

@@ -57,6 +57,15 @@ pub fn refusal(refusal: &Refusal) -> (Code, &'static str, Vec<Violation>) {
         ),
         Refusal::MissingToken => (Code::Unauthenticated, "MISSING_TOKEN", vec![]),
         Refusal::InvalidToken => (Code::Unauthenticated, "INVALID_TOKEN", vec![]),
+        Refusal::InvalidCursor(why) => (
+            Code::InvalidArgument,
+            "INVALID_CURSOR",
+            vec![Violation::new("start_after", *why)],
+        ),
+        Refusal::CursorExpired => (Code::OutOfRange, "CURSOR_EXPIRED", vec![]),
+        Refusal::ConsumerTooSlow => (Code::Aborted, "CONSUMER_TOO_SLOW", vec![]),
+        Refusal::TooManyStreams => (Code::ResourceExhausted, "TOO_MANY_STREAMS", vec![]),
+        Refusal::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN", vec![]),
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`directory::v1`] and [`billing::v1`]: Rust types and tonic stubs generated from the
 //!   `.proto` files in this folder; [`FILE_DESCRIPTOR_SET`] for server reflection.
+//! - [`cursor`]: change-feed cursors (a position and its time), bound to the service.
 //! - [`fields`]: the field rules the contract states once for both services (display names,
 //!   ids, page sizes), as pure functions returning [`fields::Violation`]s.
 //! - [`paging`]: opaque, tamper-evident page tokens bound to a list, a scope and a filter.
@@ -13,6 +14,7 @@
 //! live in `platform`, databases and caches in `storage`. Its dependencies are tonic, prost
 //! and small pure crates; the architecture test (`tests/tests/architecture.rs`) keeps it so.
 
+pub mod cursor;
 pub mod fields;
 pub mod mac;
 pub mod paging;

@@ -21,4 +21,21 @@ pub enum Refusal {
     /// A token that is malformed, badly signed, expired, or whose user no longer exists.
     #[error("access token is invalid or expired")]
     InvalidToken,
+    /// WatchChanges: a `start_after` that is malformed, tampered with or minted by another
+    /// service, or given together with `start_at_now`.
+    #[error("{0}")]
+    InvalidCursor(&'static str),
+    /// WatchChanges: the cursor is older than the change retention, or the changes after it
+    /// were removed.
+    #[error("the cursor is older than the change retention; start again without start_after")]
+    CursorExpired,
+    /// A change stream whose reader stopped reading for longer than the limit.
+    #[error("the stream's reader stopped reading; resume after the last cursor received")]
+    ConsumerTooSlow,
+    /// More change streams than the server keeps open.
+    #[error("too many change streams are open on this server; retry later")]
+    TooManyStreams,
+    /// The server is stopping: streams end at once.
+    #[error("the server is stopping; resume after the last cursor received")]
+    ShuttingDown,
 }

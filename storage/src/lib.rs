@@ -9,4 +9,6 @@ pub mod batch;
 pub mod cache;
 pub mod database;
 pub mod db;
+pub mod feed;
 pub mod peers;
+pub mod service_token;

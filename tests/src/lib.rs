@@ -102,9 +102,14 @@ pub async fn query_rows(url: &str, query: &str) -> Vec<sqlx::any::AnyRow> {
         .unwrap_or_else(|e| panic!("{query}: {e}"))
 }
 
+fn test_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("svc-test-{}", uuid::Uuid::new_v4()))
+}
+
 pub struct TestDb {
     pub url: String,
-    dir: Option<PathBuf>,
+    /// A folder of the test's own (for SQLite, the database's; for both, the service token).
+    dir: PathBuf,
     postgres_name: Option<String>,
 }
 
@@ -112,12 +117,17 @@ impl TestDb {
     /// A new SQLite file in a folder of its own (the folder does not exist yet: the service
     /// must create it).
     pub fn sqlite() -> Self {
-        let dir = std::env::temp_dir().join(format!("svc-test-{}", uuid::Uuid::new_v4()));
+        let dir = test_dir();
         Self {
             url: format!("sqlite://{}/nested/db.sqlite", dir.display()),
-            dir: Some(dir),
+            dir,
             postgres_name: None,
         }
+    }
+
+    /// The service token file the test's directory-svc creates and its billing-svc reads.
+    pub fn service_token_file(&self) -> PathBuf {
+        self.dir.join("service-token")
     }
 
     /// A new PostgreSQL database, or `None` when PostgreSQL is unreachable and not required.
@@ -147,7 +157,7 @@ impl TestDb {
             .map_or(admin.as_str(), |(base, _)| base);
         Some(Self {
             url: format!("{base}/{name}"),
-            dir: None,
+            dir: test_dir(),
             postgres_name: Some(name),
         })
     }
@@ -163,9 +173,7 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.dir);
         if let Some(name) = self.postgres_name.take() {
             // Drop runs inside the test's runtime: drop the database from a thread of its own.
             let admin = postgres_admin_url();
@@ -301,6 +309,7 @@ pub fn directory_config(db: &TestDb) -> directory_svc::Config {
         parallelism: 1,
     };
     config.serve.drain = Duration::from_secs(5);
+    config.service_token_file = db.service_token_file();
     // Tests make many calls from one address; the abuse limits have tests of their own.
     config.limits = directory_svc::domain::AbuseLimits {
         signin_failures_per_upn_per_minute: 0,

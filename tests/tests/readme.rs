@@ -102,6 +102,10 @@ async fn the_readme_walkthrough_works_as_written() {
         // The delete-and-restore step: listed in the bin with its purge time, then back.
         "\"purgeTime\"",
         "\"userPrincipalName\": \"jane@contoso.onmicrosoft.com\"",
+        // The change feed: the whole story so far, then the stream stays open.
+        "\"type\": \"CHANGE_TYPE_DIRECTORY_CREATED\"",
+        "\"type\": \"CHANGE_TYPE_USER_ROLES_CHANGED\"",
+        "\"type\": \"CHANGE_TYPE_USER_RESTORED\"",
     ] {
         assert!(
             stdout.contains(expected),
@@ -113,6 +117,8 @@ async fn the_readme_walkthrough_works_as_written() {
         "Code: PermissionDenied",
         "Code: InvalidArgument",
         "google.rpc.BadRequest",
+        // grpcurl's -max-time ended the open stream.
+        "Code: DeadlineExceeded",
     ] {
         assert!(
             stdout.contains(expected) || stderr.contains(expected),

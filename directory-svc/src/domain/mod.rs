@@ -8,6 +8,7 @@ pub mod passwords;
 pub mod ports;
 pub mod tokens;
 pub mod types;
+pub mod watch;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -76,6 +77,9 @@ pub struct Service {
     clock: Arc<dyn Clock>,
     /// How long a deleted user stays restorable, in microseconds.
     retention_micros: i64,
+    /// Who may follow the change feed besides Global Administrators, and for how long a
+    /// cursor stays good.
+    watching: watch::Watching,
 }
 
 impl std::fmt::Debug for Service {
@@ -116,6 +120,7 @@ impl Service {
         deleted_user_retention: std::time::Duration,
     ) -> Self {
         Self {
+            watching: watch::Watching::default(),
             store,
             passwords,
             tokens,
@@ -229,17 +234,22 @@ impl Service {
     /// The user a bearer token names, as stored now. A deleted user's token fails here, and so
     /// does one issued before a deletion the user was restored from (an older generation).
     pub async fn authenticate(&self, bearer: Option<&str>) -> Result<User> {
+        self.authenticate_until(bearer).await.map(|(user, _)| user)
+    }
+
+    /// [`Service::authenticate`], with the token's expiry (microseconds since the epoch).
+    async fn authenticate_until(&self, bearer: Option<&str>) -> Result<(User, i64)> {
         let token = bearer.ok_or(Refusal::MissingToken)?;
-        let subject = self
+        let (subject, expiry) = self
             .tokens
-            .verify(token, self.clock.now_micros())
+            .verify_with_expiry(token, self.clock.now_micros())
             .ok_or(Refusal::InvalidToken)?;
         match self.store.user(&subject.user_id).await.map_err(internal)? {
             Some(user)
                 if user.directory_id == subject.directory_id
                     && user.token_generation == subject.generation =>
             {
-                Ok(user)
+                Ok((user, expiry))
             }
             _ => Err(Refusal::InvalidToken.into()),
         }

@@ -66,6 +66,46 @@ pub enum ChangeKind {
     UserPurged = 7,
 }
 
+impl ChangeKind {
+    pub fn from_value(value: i64) -> Option<Self> {
+        Some(match value {
+            2 => Self::DirectoryCreated,
+            3 => Self::UserCreated,
+            4 => Self::UserRolesChanged,
+            5 => Self::UserDeleted,
+            6 => Self::UserRestored,
+            7 => Self::UserPurged,
+            _ => return None,
+        })
+    }
+}
+
+/// A committed change as the feed reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRecord {
+    pub kind: ChangeKind,
+    pub resource: ChangeResource,
+}
+
+/// The resource a change shows: as it is after the change, or as it last was (a purge).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeResource {
+    Directory(Directory),
+    User(User),
+    /// A user with its `delete_time` and `purge_time` (deleted, or purged from the bin).
+    DeletedUser(DeletedUser),
+}
+
+impl ChangeResource {
+    /// The user the change is about, if any.
+    pub fn user(&self) -> Option<&User> {
+        match self {
+            Self::Directory(_) => None,
+            Self::User(user) | Self::DeletedUser(DeletedUser { user, .. }) => Some(user),
+        }
+    }
+}
+
 /// A successful sign-in.
 #[derive(Debug)]
 pub struct SignedIn {

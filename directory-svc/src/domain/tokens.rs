@@ -92,6 +92,12 @@ impl Tokens {
     /// The subject of `token`, if it is ours, intact and unexpired at `now_micros`: a token is
     /// valid strictly before its expiry (the `expire_time` SignIn answered with).
     pub fn verify(&self, token: &str, now_micros: i64) -> Option<TokenSubject> {
+        self.verify_with_expiry(token, now_micros)
+            .map(|(subject, _)| subject)
+    }
+
+    /// [`Tokens::verify`], with the token's expiry in microseconds since the epoch.
+    pub fn verify_with_expiry(&self, token: &str, now_micros: i64) -> Option<(TokenSubject, i64)> {
         if token.len() != ENCODED_LEN {
             return None;
         }
@@ -112,11 +118,14 @@ impl Tokens {
         let generation = u32::from_be_bytes(raw[41..45].try_into().ok()?);
         let user = uuid::Uuid::from_slice(&raw[1..17]).ok()?;
         let directory = uuid::Uuid::from_slice(&raw[17..33]).ok()?;
-        Some(TokenSubject {
-            user_id: user.to_string(),
-            directory_id: directory.to_string(),
-            generation,
-        })
+        Some((
+            TokenSubject {
+                user_id: user.to_string(),
+                directory_id: directory.to_string(),
+                generation,
+            },
+            exp.saturating_mul(1_000_000),
+        ))
     }
 }
 

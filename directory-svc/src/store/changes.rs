@@ -1,90 +1,85 @@
-//! The change feed's outbox: each write records what it changed in its own transaction
-//! (`migrations/0004_changes.sql` says how cursor numbers stay in commit order). The resource
-//! is kept as JSON of the fields a `Change` shows: never a password, a hash or a token.
+//! The directory's changes as its feed stores them: each write records what it changed in
+//! its own transaction (`storage::feed::Outbox`), as JSON of the fields a `Change` shows:
+//! never a password, a hash or a token. [`decode`] reads them back, once per change for every
+//! stream.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use storage::feed::NewChange;
 
-use crate::domain::model::{ChangeKind, DeletedUser, Directory, User};
+use crate::domain::model::{
+    ChangeKind, ChangeRecord, ChangeResource, DeletedUser, Directory, User,
+};
+use crate::domain::types::RoleSet;
 
 /// A directory or a user as a change shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "resource", rename_all = "snake_case")]
-enum Resource<'a> {
+enum Resource {
     Directory {
-        id: &'a str,
-        display_name: &'a str,
-        initial_domain: &'a str,
+        id: String,
+        display_name: String,
+        initial_domain: String,
         create_time: i64,
     },
     User {
-        id: &'a str,
-        directory_id: &'a str,
-        user_principal_name: &'a str,
-        display_name: &'a str,
+        id: String,
+        directory_id: String,
+        user_principal_name: String,
+        display_name: String,
         /// The bit mask of roles, as stored.
         roles: i64,
         create_time: i64,
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         delete_time: Option<i64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         purge_time: Option<i64>,
     },
 }
 
-/// One change to record.
-pub struct Change {
+pub fn directory(kind: ChangeKind, directory: &Directory) -> Result<NewChange, sqlx::Error> {
+    encode(
+        kind,
+        &directory.id,
+        &Resource::Directory {
+            id: directory.id.clone(),
+            display_name: directory.display_name.clone(),
+            initial_domain: directory.initial_domain.clone(),
+            create_time: directory.create_time,
+        },
+    )
+}
+
+pub fn user(kind: ChangeKind, user: &User) -> Result<NewChange, sqlx::Error> {
+    encode(kind, &user.directory_id, &user_resource(user, None))
+}
+
+/// A change of a user in the recycle bin (its deletion, or its purge).
+pub fn deleted_user(kind: ChangeKind, deleted: &DeletedUser) -> Result<NewChange, sqlx::Error> {
+    encode(
+        kind,
+        &deleted.user.directory_id,
+        &user_resource(&deleted.user, Some(deleted)),
+    )
+}
+
+fn encode(
     kind: ChangeKind,
-    directory_id: String,
-    resource: String,
+    directory_id: &str,
+    resource: &Resource,
+) -> Result<NewChange, sqlx::Error> {
+    Ok(NewChange {
+        kind: kind as i64,
+        directory_id: directory_id.to_owned(),
+        resource: serde_json::to_string(resource).map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
+    })
 }
 
-impl Change {
-    pub fn directory(kind: ChangeKind, directory: &Directory) -> Result<Self, sqlx::Error> {
-        Self::new(
-            kind,
-            &directory.id,
-            &Resource::Directory {
-                id: &directory.id,
-                display_name: &directory.display_name,
-                initial_domain: &directory.initial_domain,
-                create_time: directory.create_time,
-            },
-        )
-    }
-
-    pub fn user(kind: ChangeKind, user: &User) -> Result<Self, sqlx::Error> {
-        Self::new(kind, &user.directory_id, &user_resource(user, None))
-    }
-
-    /// A change of a user in the recycle bin (its deletion, or its purge).
-    pub fn deleted_user(kind: ChangeKind, deleted: &DeletedUser) -> Result<Self, sqlx::Error> {
-        Self::new(
-            kind,
-            &deleted.user.directory_id,
-            &user_resource(&deleted.user, Some(deleted)),
-        )
-    }
-
-    fn new(
-        kind: ChangeKind,
-        directory_id: &str,
-        resource: &Resource<'_>,
-    ) -> Result<Self, sqlx::Error> {
-        Ok(Self {
-            kind,
-            directory_id: directory_id.to_owned(),
-            resource: serde_json::to_string(resource)
-                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
-        })
-    }
-}
-
-fn user_resource<'a>(user: &'a User, deleted: Option<&DeletedUser>) -> Resource<'a> {
+fn user_resource(user: &User, deleted: Option<&DeletedUser>) -> Resource {
     Resource::User {
-        id: &user.id,
-        directory_id: &user.directory_id,
-        user_principal_name: &user.upn,
-        display_name: &user.display_name,
+        id: user.id.clone(),
+        directory_id: user.directory_id.clone(),
+        user_principal_name: user.upn.clone(),
+        display_name: user.display_name.clone(),
         roles: user.roles.bits(),
         create_time: user.create_time,
         delete_time: deleted.map(|d| d.delete_time),
@@ -92,37 +87,55 @@ fn user_resource<'a>(user: &'a User, deleted: Option<&DeletedUser>) -> Resource<
     }
 }
 
-/// Records `changes` at `time`, in this order, within `tx`: the transaction's last statements
-/// before its commit, since taking the numbers holds `change_sequence`'s row until then.
-pub async fn record(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    changes: &[Change],
-    time: i64,
-) -> Result<(), sqlx::Error> {
-    let Ok(count) = i64::try_from(changes.len()) else {
-        return Err(sqlx::Error::Protocol("too many changes".into()));
+/// A stored change read back; `Err` names what did not decode (a stored row this version
+/// cannot read ends the streams that reach it, rather than being skipped).
+pub fn decode(kind: i64, resource: &str) -> Result<ChangeRecord, String> {
+    let kind = ChangeKind::from_value(kind).ok_or_else(|| format!("unknown change kind {kind}"))?;
+    let resource: Resource =
+        serde_json::from_str(resource).map_err(|e| format!("change resource: {e}"))?;
+    let resource = match resource {
+        Resource::Directory {
+            id,
+            display_name,
+            initial_domain,
+            create_time,
+        } => ChangeResource::Directory(Directory {
+            id,
+            display_name,
+            domain_prefix: initial_domain
+                .split_once('.')
+                .map_or_else(|| initial_domain.clone(), |(prefix, _)| prefix.to_owned()),
+            initial_domain,
+            create_time,
+        }),
+        Resource::User {
+            id,
+            directory_id,
+            user_principal_name,
+            display_name,
+            roles,
+            create_time,
+            delete_time,
+            purge_time,
+        } => {
+            let user = User {
+                id,
+                directory_id,
+                upn: user_principal_name,
+                display_name,
+                roles: RoleSet::from_bits(roles),
+                create_time,
+                token_generation: 0,
+            };
+            match (delete_time, purge_time) {
+                (Some(delete_time), Some(purge_time)) => ChangeResource::DeletedUser(DeletedUser {
+                    user,
+                    delete_time,
+                    purge_time,
+                }),
+                _ => ChangeResource::User(user),
+            }
+        }
     };
-    if count == 0 {
-        return Ok(());
-    }
-    let last: i64 = sqlx::query_scalar(
-        "UPDATE change_sequence SET last = last + $1 WHERE id = 1 RETURNING last",
-    )
-    .bind(count)
-    .fetch_one(&mut **tx)
-    .await?;
-    for (seq, change) in (last - count + 1..).zip(changes) {
-        sqlx::query(
-            "INSERT INTO changes (seq, change_time, directory_id, kind, resource) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(seq)
-        .bind(time)
-        .bind(&change.directory_id)
-        .bind(change.kind as i64)
-        .bind(&change.resource)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
+    Ok(ChangeRecord { kind, resource })
 }

@@ -7,9 +7,10 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row as _};
 use storage::batch::PointReads;
 use storage::db::{Engine, WriteGate};
+use storage::feed::Outbox;
 use storage::peers::Peers;
 
-use super::changes::{self, Change};
+use super::changes;
 use super::{Actor, DirectoryStore, StoreError, Target};
 use crate::domain::model::{ChangeKind, DeletedUser, Directory, User};
 use crate::domain::types::{Role, RoleSet};
@@ -26,6 +27,8 @@ pub struct SqlStore {
     /// On PostgreSQL, the replicas whose caches a change to a user must reach before it is
     /// acknowledged.
     peers: Option<Arc<Peers>>,
+    /// The change feed's outbox every write records its changes in.
+    outbox: Outbox,
 }
 
 const USER_COLUMNS: &str =
@@ -50,6 +53,7 @@ impl SqlStore {
             writers,
             users,
             peers: None,
+            outbox: Outbox::new(engine),
         })
     }
 
@@ -83,6 +87,11 @@ impl SqlStore {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The outbox this store's writes record their changes in.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 }
 
@@ -192,11 +201,14 @@ impl DirectoryStore for SqlStore {
         .map_err(|e| on_unique(e, StoreError::DomainTaken))?;
         insert_user(&mut tx, admin, password_hash).await?;
         let recorded = [
-            Change::directory(ChangeKind::DirectoryCreated, directory)?,
-            Change::user(ChangeKind::UserCreated, admin)?,
+            changes::directory(ChangeKind::DirectoryCreated, directory)?,
+            changes::user(ChangeKind::UserCreated, admin)?,
         ];
-        changes::record(&mut tx, &recorded, directory.create_time).await?;
+        self.outbox
+            .record(&mut tx, &recorded, directory.create_time)
+            .await?;
         tx.commit().await?;
+        self.outbox.committed();
         Ok(())
     }
 
@@ -247,9 +259,12 @@ impl DirectoryStore for SqlStore {
         let mut tx = self.pool.begin().await?;
         lock_for(&mut tx, &user.directory_id, actor).await?;
         insert_user(&mut tx, user, password_hash).await?;
-        let recorded = [Change::user(ChangeKind::UserCreated, user)?];
-        changes::record(&mut tx, &recorded, user.create_time).await?;
+        let recorded = [changes::user(ChangeKind::UserCreated, user)?];
+        self.outbox
+            .record(&mut tx, &recorded, user.create_time)
+            .await?;
         tx.commit().await?;
+        self.outbox.committed();
         Ok(())
     }
 
@@ -316,11 +331,12 @@ impl DirectoryStore for SqlStore {
         let user = user_from_row(&row)?;
         // The same roles again: the user is returned unchanged, and nothing is recorded.
         if before.map(RoleSet::from_bits) != Some(user.roles) {
-            let recorded = [Change::user(ChangeKind::UserRolesChanged, &user)?];
-            changes::record(&mut tx, &recorded, now).await?;
+            let recorded = [changes::user(ChangeKind::UserRolesChanged, &user)?];
+            self.outbox.record(&mut tx, &recorded, now).await?;
         }
         self.announce(&mut tx, user_id).await?;
         tx.commit().await?;
+        self.outbox.committed();
         drop(_turn);
         self.settle().await;
         Ok(user)
@@ -385,10 +401,11 @@ impl DirectoryStore for SqlStore {
             delete_time,
             purge_time,
         };
-        let recorded = [Change::deleted_user(ChangeKind::UserDeleted, &deleted)?];
-        changes::record(&mut tx, &recorded, delete_time).await?;
+        let recorded = [changes::deleted_user(ChangeKind::UserDeleted, &deleted)?];
+        self.outbox.record(&mut tx, &recorded, delete_time).await?;
         self.announce(&mut tx, user_id).await?;
         tx.commit().await?;
+        self.outbox.committed();
         drop(_turn);
         self.settle().await;
         Ok(())
@@ -453,10 +470,11 @@ impl DirectoryStore for SqlStore {
             }
             other => other?,
         }
-        let recorded = [Change::user(ChangeKind::UserRestored, &user)?];
-        changes::record(&mut tx, &recorded, now).await?;
+        let recorded = [changes::user(ChangeKind::UserRestored, &user)?];
+        self.outbox.record(&mut tx, &recorded, now).await?;
         self.announce(&mut tx, &user.id).await?;
         tx.commit().await?;
+        self.outbox.committed();
         drop(_turn);
         self.settle().await;
         Ok(user)
@@ -478,9 +496,10 @@ impl DirectoryStore for SqlStore {
         if target.only_without_roles && !deleted.user.roles.is_empty() {
             return Err(StoreError::HasRoles);
         }
-        let recorded = [Change::deleted_user(ChangeKind::UserPurged, &deleted)?];
-        changes::record(&mut tx, &recorded, now).await?;
+        let recorded = [changes::deleted_user(ChangeKind::UserPurged, &deleted)?];
+        self.outbox.record(&mut tx, &recorded, now).await?;
         tx.commit().await?;
+        self.outbox.committed();
         Ok(())
     }
 
@@ -504,10 +523,11 @@ impl DirectoryStore for SqlStore {
         purged.sort_by(|a, b| (a.purge_time, &a.user.id).cmp(&(b.purge_time, &b.user.id)));
         let recorded = purged
             .iter()
-            .map(|deleted| Change::deleted_user(ChangeKind::UserPurged, deleted))
+            .map(|deleted| changes::deleted_user(ChangeKind::UserPurged, deleted))
             .collect::<Result<Vec<_>, _>>()?;
-        changes::record(&mut tx, &recorded, now).await?;
+        self.outbox.record(&mut tx, &recorded, now).await?;
         tx.commit().await?;
+        self.outbox.committed();
         Ok(purged.len() as u64)
     }
 }

@@ -4,6 +4,7 @@
 
 mod convert;
 mod status;
+mod watch;
 
 use std::sync::Arc;
 
@@ -11,19 +12,29 @@ use contract::directory::v1 as pb;
 use platform::rpc::{bearer_token, record_directory, reply};
 use tonic::{Request, Response, Status};
 
+use contract::cursor::Cursors;
+use storage::feed::Feed;
+
 use crate::domain::Service;
 use crate::domain::model::User;
+use crate::store::ChangeValue;
 pub use status::{ERROR_DOMAIN, to_status};
 
 /// `directory.v1.DirectoryService` over the domain [`Service`].
 #[derive(Debug, Clone)]
 pub struct DirectoryApi {
     service: Arc<Service>,
+    feed: Feed<ChangeValue>,
+    cursors: Cursors,
 }
 
 impl DirectoryApi {
-    pub fn new(service: Arc<Service>) -> Self {
-        Self { service }
+    pub fn new(service: Arc<Service>, feed: Feed<ChangeValue>, cursors: Cursors) -> Self {
+        Self {
+            service,
+            feed,
+            cursors,
+        }
     }
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<User, Status> {
@@ -202,5 +213,49 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
         let action = convert::authorize(request.into_inner()).map_err(to_status)?;
         let decision = self.service.authorize(caller, action);
         Ok(reply(convert::decision(decision)))
+    }
+
+    type WatchChangesStream = watch::ChangeStream;
+
+    async fn watch_changes(
+        &self,
+        request: Request<pb::WatchChangesRequest>,
+    ) -> Reply<Self::WatchChangesStream> {
+        // Read before the watcher is authenticated: every change up to here is reflected in
+        // what it is authenticated as, and each later one is checked (`watch::Rule`).
+        let opened_at = self
+            .feed
+            .head()
+            .await
+            .map_err(|e| to_status(watch::database(e)))?;
+        let watcher = self
+            .service
+            .watcher(bearer_token(&request))
+            .await
+            .map_err(to_status)?;
+        if let Some(directory) = watcher.directory() {
+            record_directory(directory);
+        }
+        let begin = watch::begin(&self.cursors, request.get_ref()).map_err(to_status)?;
+        self.service.may_watch(&watcher).map_err(to_status)?;
+        if let Some(time) = begin.cursor_time {
+            self.service.check_cursor_time(time).map_err(to_status)?;
+        }
+        let directory = watcher.directory().map(str::to_owned);
+        let rule = watch::Rule {
+            service: self.service.clone(),
+            watcher,
+            opened_at,
+        };
+        let stream = self
+            .feed
+            .watch(begin.start, directory, begin.bookmark_first, rule)
+            .await
+            .map_err(|e| to_status(watch::not_opened(e)))?;
+        Ok(Response::new(watch::changes(
+            stream,
+            self.cursors.clone(),
+            self.service.clone(),
+        )))
     }
 }
