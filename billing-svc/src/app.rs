@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use contract::billing::v1::billing_service_server::{BillingServiceServer, SERVICE_NAME};
+use contract::cursor::Cursors;
 use contract::paging::PageTokens;
 use platform::launch::Ready;
 use storage::database::Database;
+use storage::feed::Feed;
 use tonic::service::Routes;
 
 use crate::config::Config;
@@ -47,6 +49,14 @@ impl platform::launch::Server for Application {
             .await
             .context("cannot migrate the database")?;
         let page_key = storage::db::secret(store.pool(), "page-token-key").await?;
+        let cursor_key = storage::db::secret(store.pool(), "change-cursor-key").await?;
+        let feed = Feed::start(
+            store.pool().clone(),
+            &config.database_url,
+            store.outbox(),
+            crate::store::decode_change,
+            config.feed,
+        );
         if let Some(peers) = &database.peers {
             store = store.with_peers(peers.clone());
         }
@@ -58,7 +68,20 @@ impl platform::launch::Server for Application {
             PageTokens::new(&page_key),
             config.clock.clone(),
         );
-        let api = BillingApi::new(Arc::new(service));
+        let service = Arc::new(service);
+        let removal = service.clone();
+        let retention = config.change_retention;
+        feed.remove_in_background(
+            move || removal.change_cutoff(retention),
+            config.remove_every,
+        );
+        let api = BillingApi::new(
+            service,
+            feed.clone(),
+            Cursors::new(&cursor_key, SERVICE_NAME),
+            config.change_retention,
+            config.watch_recheck,
+        );
         // Compressed requests accepted, answers compressed when the caller accepts it (and the
         // answer is large enough to gain: `platform::rpc::reply`).
         let server = platform::rpc::ENCODINGS.into_iter().fold(
@@ -66,11 +89,12 @@ impl platform::launch::Server for Application {
                 .max_decoding_message_size(platform::rpc::MAX_MESSAGE_BYTES),
             |server, e| server.accept_compressed(e).send_compressed(e),
         );
-        Ready::new(
-            listener,
-            Routes::new(server),
-            config.serve,
-            database.close(),
-        )
+        let streams = feed.clone();
+        let ready = Ready::new(listener, Routes::new(server), config.serve, async move {
+            feed.close();
+            database.close().await;
+        })?;
+        // Open change streams end with UNAVAILABLE at once, rather than hold the drain up.
+        Ok(ready.on_stopping(move || streams.close()))
     }
 }

@@ -9,6 +9,7 @@ use platform::launch::ServeFlags;
 use platform::rpc::ServeOptions;
 use platform::tls::ClientTls;
 use storage::db::{DatabaseFlags, Engine, PoolSettings};
+use storage::feed::{FeedFlags, FeedSettings};
 
 use crate::transport::ERROR_DOMAIN;
 
@@ -47,7 +48,16 @@ pub struct Cli {
     /// PEM private key of --directory-client-cert.
     #[arg(long)]
     pub directory_client_key: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub feed: FeedFlags,
 }
+
+/// How often an open change stream asks the directory again whether its watcher may still
+/// watch.
+const WATCH_RECHECK: Duration = Duration::from_secs(5);
+/// How often changes past the retention are removed.
+const REMOVE_EVERY: Duration = Duration::from_secs(1);
 
 /// Everything the server needs to start.
 #[derive(Debug, Clone)]
@@ -65,6 +75,15 @@ pub struct Config {
     pub cache_entries: usize,
     /// What the rules read the time from: the system's clock, or a test's manual one.
     pub clock: std::sync::Arc<dyn platform::clock::Clock>,
+    /// How long changes are kept for WatchChanges.
+    pub change_retention: Duration,
+    /// Change streams: bookmarks, the stall limit, the queue, the limit of open streams.
+    pub feed: FeedSettings,
+    /// How often an open stream's watcher is authorised again.
+    pub watch_recheck: Duration,
+    /// How often changes past the retention are removed (real time; which are due is read
+    /// from `clock`).
+    pub remove_every: Duration,
 }
 
 impl Config {
@@ -84,6 +103,10 @@ impl Config {
             directory_tls: None,
             cache_entries: storage::cache::DEFAULT_ENTRIES,
             clock: platform::clock::system(),
+            change_retention: storage::feed::DEFAULT_RETENTION,
+            feed: FeedSettings::default(),
+            watch_recheck: WATCH_RECHECK,
+            remove_every: REMOVE_EVERY,
         }
     }
 }
@@ -149,6 +172,10 @@ impl TryFrom<&Cli> for Config {
             directory_tls,
             cache_entries: cli.database.cache_entries()?,
             clock: platform::clock::system(),
+            change_retention: cli.feed.change_retention,
+            feed: cli.feed.settings()?,
+            watch_recheck: WATCH_RECHECK,
+            remove_every: REMOVE_EVERY,
         })
     }
 }

@@ -8,7 +8,7 @@ use contract::directory::v1::directory_service_server::SERVICE_NAME;
 use platform::launch::ServeFlags;
 use platform::rpc::ServeOptions;
 use storage::db::{DatabaseFlags, Engine, PoolSettings};
-use storage::feed::FeedSettings;
+use storage::feed::{FeedFlags, FeedSettings};
 
 use crate::domain::AbuseLimits;
 use crate::domain::passwords::Argon2Cost;
@@ -68,51 +68,8 @@ pub struct Cli {
     pub feed: FeedFlags,
 }
 
-/// The change feed's flags (the same in both services).
-#[derive(Debug, Clone, clap::Args)]
-pub struct FeedFlags {
-    /// How long changes are kept for WatchChanges; older cursors get OUT_OF_RANGE (7d, 12h).
-    #[arg(long, default_value = "7d", value_parser = platform::launch::human_duration)]
-    pub change_retention: Duration,
-
-    /// Change streams open at once on this server; more get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub max_watch_streams: u32,
-
-    /// A change stream whose reader takes nothing for this long ends with ABORTED
-    /// (CONSUMER_TOO_SLOW).
-    #[arg(long, default_value = "30s", value_parser = platform::launch::human_duration)]
-    pub watch_stall_limit: Duration,
-
-    /// How often an idle change stream gets a bookmark (at most 10s).
-    #[arg(long, default_value = "10s", value_parser = platform::launch::human_duration)]
-    pub watch_bookmark_interval: Duration,
-}
-
-impl FeedFlags {
-    pub fn settings(&self) -> anyhow::Result<FeedSettings> {
-        anyhow::ensure!(
-            self.watch_bookmark_interval <= Duration::from_secs(10)
-                && !self.watch_bookmark_interval.is_zero(),
-            "--watch-bookmark-interval must be more than 0 and at most 10s"
-        );
-        anyhow::ensure!(
-            !self.watch_stall_limit.is_zero(),
-            "--watch-stall-limit must be more than 0"
-        );
-        Ok(FeedSettings {
-            bookmark_every: self.watch_bookmark_interval,
-            stall_limit: self.watch_stall_limit,
-            max_streams: self.max_watch_streams as usize,
-            ..FeedSettings::default()
-        })
-    }
-}
-
 /// The contract's default retention of deleted users.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
-/// The contract's default retention of changes.
-pub const DEFAULT_CHANGE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Deleted users are purged within this of their `purge_time` (the contract: 2 s).
 const PURGE_EVERY: Duration = Duration::from_secs(1);
 
@@ -160,7 +117,7 @@ impl Config {
             deleted_user_retention: DEFAULT_RETENTION,
             purge_every: PURGE_EVERY,
             service_token_file: PathBuf::from("data/service-token"),
-            change_retention: DEFAULT_CHANGE_RETENTION,
+            change_retention: storage::feed::DEFAULT_RETENTION,
             feed: FeedSettings::default(),
         }
     }

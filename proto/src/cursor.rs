@@ -10,6 +10,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::mac::{TAG_LEN, TagKey};
+use crate::refusal::Refusal;
 
 const BODY_LEN: usize = 16;
 const RAW_LEN: usize = BODY_LEN + TAG_LEN;
@@ -74,6 +75,38 @@ impl Cursors {
         let seq = i64::from_be_bytes(raw[..8].try_into().ok()?);
         let time = i64::from_be_bytes(raw[8..16].try_into().ok()?);
         (seq >= 0).then_some(Position { seq, time })
+    }
+}
+
+/// Where a WatchChanges request starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// At the oldest change still kept (`start_after` empty).
+    Oldest,
+    /// After the newest change, with a bookmark first (`start_at_now`).
+    Now,
+    /// After the change or bookmark of this cursor.
+    After(Position),
+}
+
+impl Cursors {
+    /// The start a WatchChanges request asks for: `start_after` and `start_at_now` together,
+    /// or a cursor this service did not mint, are refused.
+    pub fn start(&self, start_after: &str, start_at_now: bool) -> Result<StartAt, Refusal> {
+        match (start_after.is_empty(), start_at_now) {
+            (false, true) => Err(Refusal::InvalidCursor(
+                "start_after and start_at_now cannot both be set",
+            )),
+            (true, true) => Ok(StartAt::Now),
+            (true, false) => Ok(StartAt::Oldest),
+            (false, false) => {
+                self.open(start_after)
+                    .map(StartAt::After)
+                    .ok_or(Refusal::InvalidCursor(
+                        "not a cursor of this service's change feed",
+                    ))
+            }
+        }
     }
 }
 

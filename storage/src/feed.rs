@@ -27,6 +27,8 @@ use crate::db::Engine;
 
 /// The PostgreSQL channel a commit with changes notifies.
 const CHANNEL: &str = "changes";
+/// Changes one INSERT writes (5 parameters each).
+const INSERT_ROWS: usize = 100;
 /// Rows read per statement, by the reader and by a stream's backlog.
 const PAGE: i64 = 512;
 /// Batches the reader keeps for streams that have not taken them yet; a stream further
@@ -39,6 +41,8 @@ const FALLBACK_POLL: Duration = Duration::from_millis(500);
 /// One change to record.
 #[derive(Debug, Clone)]
 pub struct NewChange {
+    /// Microseconds since the epoch, by the service's clock.
+    pub time: i64,
     /// The service's change type.
     pub kind: i64,
     pub directory_id: String,
@@ -61,14 +65,14 @@ impl Outbox {
         }
     }
 
-    /// Records `changes` at `time`, in this order, within `tx`: call it as the transaction's
-    /// last statements before its commit, since taking the numbers holds `change_sequence`'s
-    /// row until then. On PostgreSQL the commit also notifies every replica's reader.
+    /// Records `changes`, in this order, within `tx`: call it as the transaction's last
+    /// statements before its commit, since taking the numbers holds `change_sequence`'s row
+    /// until then. One number-taking statement for all of them, and one INSERT per 100
+    /// changes. On PostgreSQL the commit also notifies every replica's reader.
     pub async fn record(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         changes: &[NewChange],
-        time: i64,
     ) -> Result<(), sqlx::Error> {
         let Ok(count) = i64::try_from(changes.len()) else {
             return Err(sqlx::Error::Protocol("too many changes".into()));
@@ -82,18 +86,23 @@ impl Outbox {
         .bind(count)
         .fetch_one(&mut **tx)
         .await?;
-        for (seq, change) in (last - count + 1..).zip(changes) {
-            sqlx::query(
-                "INSERT INTO changes (seq, change_time, directory_id, kind, resource) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(seq)
-            .bind(time)
-            .bind(&change.directory_id)
-            .bind(change.kind)
-            .bind(&change.resource)
-            .execute(&mut **tx)
-            .await?;
+        let mut seq = last - count;
+        for chunk in changes.chunks(INSERT_ROWS) {
+            let mut sql = String::from(
+                "INSERT INTO changes (seq, change_time, directory_id, kind, resource) VALUES ",
+            );
+            self.engine.push_value_rows(&mut sql, chunk.len(), 5);
+            let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for change in chunk {
+                seq += 1;
+                insert = insert
+                    .bind(seq)
+                    .bind(change.time)
+                    .bind(change.directory_id.clone())
+                    .bind(change.kind)
+                    .bind(change.resource.clone());
+            }
+            insert.execute(&mut **tx).await?;
         }
         if self.engine == Engine::Postgres {
             // Delivered at commit, once per transaction and channel.
@@ -199,6 +208,45 @@ impl Default for FeedSettings {
             queue: 64,
             max_streams: 4096,
         }
+    }
+}
+
+/// The change feed's flags, the same in both services.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FeedFlags {
+    /// How long changes are kept for WatchChanges; older cursors get OUT_OF_RANGE (7d, 12h).
+    #[arg(long, default_value = "7d", value_parser = platform::launch::human_duration)]
+    pub change_retention: Duration,
+
+    /// Change streams open at once on this server; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_watch_streams: u32,
+
+    /// A change stream whose reader takes nothing for this long ends with ABORTED
+    /// (CONSUMER_TOO_SLOW).
+    #[arg(long, default_value = "30s", value_parser = platform::launch::human_duration)]
+    pub watch_stall_limit: Duration,
+
+    /// How often an idle change stream gets a bookmark (at most 10s).
+    #[arg(long, default_value = "10s", value_parser = platform::launch::human_duration)]
+    pub watch_bookmark_interval: Duration,
+}
+
+/// The contract's default retention of changes.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl FeedFlags {
+    pub fn settings(&self) -> anyhow::Result<FeedSettings> {
+        anyhow::ensure!(
+            self.watch_bookmark_interval <= Duration::from_secs(10),
+            "--watch-bookmark-interval must be at most 10s"
+        );
+        Ok(FeedSettings {
+            bookmark_every: self.watch_bookmark_interval,
+            stall_limit: self.watch_stall_limit,
+            max_streams: self.max_watch_streams as usize,
+            ..FeedSettings::default()
+        })
     }
 }
 

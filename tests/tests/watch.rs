@@ -945,3 +945,31 @@ async fn streams_beyond_the_limit_are_refused(backend: Backend) {
         pb::ChangeType::Bookmark as i32
     );
 }
+
+/// On PostgreSQL: a stream on one replica keeps delivering, in order and without a gap, the
+/// changes another replica commits, also across that replica's restart.
+#[tokio::test]
+async fn postgres_a_stream_stays_open_across_a_restart_of_another_replica() {
+    let db = db_or_skip!(Backend::Postgres);
+    let clock = ManualClock::at(T0);
+    let reader = start(&db, &clock).await;
+    let writer = start(&db, &clock).await;
+    let mut on_writer = writer.client().await;
+    let tenant = sign_up(&mut on_writer, "contoso").await;
+    let mut stream = watch(&mut reader.client().await, &service_token(&db), "", false)
+        .await
+        .expect("watch");
+    for i in 0..10 {
+        create_user(&mut on_writer, &tenant, &format!("before{i}")).await;
+    }
+    let first = changes(&mut stream, 12).await;
+    writer.stop().await;
+    let writer = start(&db, &clock).await;
+    let mut on_writer = writer.client().await;
+    for i in 0..10 {
+        create_user(&mut on_writer, &tenant, &format!("after{i}")).await;
+    }
+    let second = changes(&mut stream, 10).await;
+    let all: Vec<pb::Change> = first.into_iter().chain(second).collect();
+    assert_eq!(delivered(&all), committed(&db.url).await);
+}

@@ -7,6 +7,7 @@ pub mod error;
 pub mod model;
 pub mod offers;
 pub mod ports;
+pub mod watch;
 
 use std::sync::Arc;
 

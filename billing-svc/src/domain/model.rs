@@ -65,3 +65,28 @@ pub struct SubscriptionPage {
     /// Empty on the last page.
     pub next_page_token: String,
 }
+
+/// What a change recorded in the change feed's outbox is (the values of
+/// `billing.v1.ChangeType`). The store records one in the transaction of each write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    SubscriptionCreated = 2,
+    SubscriptionCancelled = 4,
+}
+
+impl ChangeKind {
+    pub fn from_value(value: i64) -> Option<Self> {
+        Some(match value {
+            2 => Self::SubscriptionCreated,
+            4 => Self::SubscriptionCancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// A committed change as the feed reads it back: the subscription as it is after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRecord {
+    pub kind: ChangeKind,
+    pub subscription: Subscription,
+}

@@ -8,11 +8,13 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row as _};
 use storage::batch::PointReads;
 use storage::db::{Engine, HeldConnection, WriteGate};
+use storage::feed::Outbox;
 use storage::peers::Peers;
 use tokio::sync::{mpsc, oneshot};
 
+use super::changes;
 use super::{BillingStore, StoreError};
-use crate::domain::model::{State, Subscription};
+use crate::domain::model::{ChangeKind, State, Subscription};
 use crate::domain::offers;
 
 /// Migrations embedded in the binary, run at start.
@@ -28,6 +30,8 @@ pub struct SqlStore {
     /// On PostgreSQL, the replicas whose caches a cancellation must reach before it is
     /// acknowledged.
     peers: Option<Arc<Peers>>,
+    /// The change feed's outbox every write records its changes in.
+    outbox: Outbox,
 }
 
 /// The kind of row the caches of subscriptions are invalidated by.
@@ -75,7 +79,14 @@ impl SqlStore {
         let writers = WriteGate::for_engine(engine);
         writers.checkpoint_in_background(&pool);
         let (purchases, queue) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(group_commit(pool.clone(), engine, writers.clone(), queue));
+        let outbox = Outbox::new(engine);
+        tokio::spawn(group_commit(
+            pool.clone(),
+            engine,
+            writers.clone(),
+            outbox.clone(),
+            queue,
+        ));
         let reads = PointReads::start(
             pool.clone(),
             format!("SELECT {SELECT_COLUMNS} FROM subscriptions WHERE id IN"),
@@ -87,6 +98,7 @@ impl SqlStore {
             purchases,
             reads,
             peers: None,
+            outbox,
         })
     }
 
@@ -100,6 +112,11 @@ impl SqlStore {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The outbox this store's writes record their changes in.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 }
 
@@ -204,22 +221,32 @@ impl BillingStore for SqlStore {
     async fn cancel(&self, id: &str, now: i64) -> Result<Option<Subscription>, StoreError> {
         let turn = self.writers.enter().await;
         let mut tx = self.pool.begin().await?;
-        let cancelled = sqlx::query(
-            "UPDATE subscriptions SET state = $1, cancel_time = $2 WHERE id = $3 AND state = $4",
-        )
+        let cancelled = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE subscriptions SET state = $1, cancel_time = $2 WHERE id = $3 AND state = $4 \
+             RETURNING {SELECT_COLUMNS}"
+        )))
         .bind(State::Cancelled.code())
         .bind(now)
         .bind(id)
         .bind(State::Active.code())
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?
-        .rows_affected()
-            > 0;
-        if let (true, Some(_)) = (cancelled, &self.peers) {
-            storage::peers::announce(&mut tx, SUBSCRIPTIONS, id).await?;
+        .as_ref()
+        .map(subscription_from_row)
+        .transpose()?;
+        if let Some(subscription) = &cancelled {
+            if self.peers.is_some() {
+                storage::peers::announce(&mut tx, SUBSCRIPTIONS, id).await?;
+            }
+            let change =
+                changes::subscription(ChangeKind::SubscriptionCancelled, subscription, now)?;
+            self.outbox.record(&mut tx, &[change]).await?;
         }
         tx.commit().await?;
         drop(turn);
+        if cancelled.is_some() {
+            self.outbox.committed();
+        }
         // Also when nothing changed: the cancellation may be another call's, committed but not
         // yet confirmed by every replica's cache.
         if let Some(peers) = &self.peers {
@@ -240,6 +267,7 @@ async fn group_commit(
     pool: AnyPool,
     engine: Engine,
     writers: WriteGate,
+    outbox: Outbox,
     mut queue: mpsc::Receiver<Pending>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -251,10 +279,13 @@ async fn group_commit(
         let outcome = {
             let _turn = writers.enter().await;
             match held.get().await {
-                Ok(conn) => insert_batch(conn, engine, &batch).await,
+                Ok(conn) => insert_batch(conn, engine, &outbox, &batch).await,
                 Err(err) => Err(err),
             }
         };
+        if outcome.is_ok() {
+            outbox.committed();
+        }
         if outcome.is_err() {
             // Not retried: the commit may have landed. The pool checks the connection.
             held.give_back();
@@ -285,11 +316,12 @@ async fn group_commit(
     }
 }
 
-/// Which purchases of `batch` went in (in order), by one statement (its own transaction).
+/// Which purchases of `batch` went in (in order), by one statement, and their
+/// `SUBSCRIPTION_CREATED` changes, in one transaction: the batch takes its changes' numbers
+/// with one statement, as its last before the commit.
 /// The statement has [`statement_rows`] rows: the batch, then its last row repeated, which
 /// conflicts with itself on the primary key and is skipped. So the connection caches at most
-/// sixteen prepared statements, whatever the batch sizes, and a batch is always one round trip
-/// to the database (no BEGIN and COMMIT of their own).
+/// sixteen prepared statements, whatever the batch sizes.
 ///
 /// The statement returns only its count of inserted rows, not their ids: one answer from the
 /// database instead of a row per purchase. When the count falls short (a request_id or a free
@@ -298,21 +330,37 @@ async fn group_commit(
 async fn insert_batch(
     conn: &mut PoolConnection<Any>,
     engine: Engine,
+    outbox: &Outbox,
     batch: &[Pending],
 ) -> Result<Vec<bool>, sqlx::Error> {
+    use sqlx::Connection as _;
+    let mut tx = conn.begin().await?;
     let statement = insert_rows(batch, statement_rows(batch.len()), engine);
-    let inserted = statement.execute(&mut **conn).await?.rows_affected();
-    if usize::try_from(inserted).is_ok_and(|n| n == batch.len()) {
-        return Ok(vec![true; batch.len()]);
-    }
-    let mut went_in = Vec::with_capacity(batch.len());
-    for pending in batch {
-        let found = sqlx::query("SELECT 1 FROM subscriptions WHERE id = $1")
-            .bind(pending.subscription.id.clone())
-            .fetch_optional(&mut **conn)
-            .await?;
-        went_in.push(found.is_some());
-    }
+    let inserted = statement.execute(&mut *tx).await?.rows_affected();
+    let went_in = if usize::try_from(inserted).is_ok_and(|n| n == batch.len()) {
+        vec![true; batch.len()]
+    } else {
+        let mut went_in = Vec::with_capacity(batch.len());
+        for pending in batch {
+            let found = sqlx::query("SELECT 1 FROM subscriptions WHERE id = $1")
+                .bind(pending.subscription.id.clone())
+                .fetch_optional(&mut *tx)
+                .await?;
+            went_in.push(found.is_some());
+        }
+        went_in
+    };
+    let created = batch
+        .iter()
+        .zip(&went_in)
+        .filter(|(_, went_in)| **went_in)
+        .map(|(p, _)| {
+            let s = &p.subscription;
+            changes::subscription(ChangeKind::SubscriptionCreated, s, s.create_time)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    outbox.record(&mut tx, &created).await?;
+    tx.commit().await?;
     Ok(went_in)
 }
 
@@ -467,6 +515,7 @@ mod tests {
         let (pool, dir) = sqlite_pool("pad").await;
         MIGRATOR.run(&pool).await.expect("migrates");
         let mut conn = pool.acquire().await.expect("a connection");
+        let outbox = Outbox::new(Engine::Sqlite);
         let mut taken = String::new();
         let mut expected_rows = 0;
         for size in 1..=13 {
@@ -480,7 +529,7 @@ mod tests {
                 };
                 batch.push(purchase(n, &request_id));
             }
-            let went_in = insert_batch(&mut conn, Engine::Sqlite, &batch)
+            let went_in = insert_batch(&mut conn, Engine::Sqlite, &outbox, &batch)
                 .await
                 .expect("inserts");
             let fresh = if size > 1 { size - 1 } else { size };
@@ -519,6 +568,13 @@ mod tests {
                 i64::try_from(expected_rows).unwrap_or_default(),
                 "batch of {size}"
             );
+            // One SUBSCRIPTION_CREATED change per purchase that went in, numbered 1..N.
+            let (changes, last): (i64, i64) =
+                sqlx::query_as("SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM changes")
+                    .fetch_one(&mut *conn)
+                    .await
+                    .expect("counts changes");
+            assert_eq!((changes, last), (rows, rows), "batch of {size}");
         }
         drop(conn);
         pool.close().await;

@@ -4,6 +4,7 @@
 
 mod convert;
 mod status;
+mod watch;
 
 use std::sync::Arc;
 
@@ -13,19 +14,40 @@ use platform::rpc::{
 };
 use tonic::{Request, Response, Status};
 
+use contract::cursor::Cursors;
+use storage::feed::Feed;
+
 use crate::directory::CallContext;
 use crate::domain::{Caller, Check, Service};
+use crate::store::ChangeValue;
 pub use status::{ERROR_DOMAIN, to_status};
 
 /// `billing.v1.BillingService` over the domain [`Service`].
 #[derive(Debug, Clone)]
 pub struct BillingApi {
     service: Arc<Service>,
+    feed: Feed<ChangeValue>,
+    cursors: Cursors,
+    /// How long changes are kept, and how often a stream's watcher is authorised again.
+    change_retention: std::time::Duration,
+    watch_recheck: std::time::Duration,
 }
 
 impl BillingApi {
-    pub fn new(service: Arc<Service>) -> Self {
-        Self { service }
+    pub fn new(
+        service: Arc<Service>,
+        feed: Feed<ChangeValue>,
+        cursors: Cursors,
+        change_retention: std::time::Duration,
+        watch_recheck: std::time::Duration,
+    ) -> Self {
+        Self {
+            service,
+            feed,
+            cursors,
+            change_retention,
+            watch_recheck,
+        }
     }
 }
 
@@ -135,5 +157,41 @@ impl pb::billing_service_server::BillingService for BillingApi {
             .await
             .map_err(to_status)?;
         Ok(reply(convert::subscription(cancelled)))
+    }
+
+    type WatchChangesStream = watch::ChangeStream;
+
+    async fn watch_changes(
+        &self,
+        request: Request<pb::WatchChangesRequest>,
+    ) -> Reply<Self::WatchChangesStream> {
+        let caller = self.caller(&request, Check::Manage).await?;
+        let (start, bookmark_first, cursor_time) =
+            watch::begin(&self.cursors, request.get_ref()).map_err(to_status)?;
+        let token = bearer_token(&request).unwrap_or_default();
+        let watcher = self
+            .service
+            .watcher(caller, token, self.watch_recheck)
+            .map_err(to_status)?;
+        if let Some(time) = cursor_time {
+            self.service
+                .check_cursor_time(time, self.change_retention)
+                .map_err(to_status)?;
+        }
+        let directory = Some(watcher.directory_id.clone());
+        let rule = watch::Rule {
+            service: self.service.clone(),
+            watcher,
+        };
+        let stream = self
+            .feed
+            .watch(start, directory, bookmark_first, rule)
+            .await
+            .map_err(|e| to_status(watch::not_opened(e)))?;
+        Ok(Response::new(watch::changes(
+            stream,
+            self.cursors.clone(),
+            self.service.clone(),
+        )))
     }
 }

@@ -36,9 +36,14 @@ enum Resource {
     },
 }
 
-pub fn directory(kind: ChangeKind, directory: &Directory) -> Result<NewChange, sqlx::Error> {
+pub fn directory(
+    kind: ChangeKind,
+    directory: &Directory,
+    time: i64,
+) -> Result<NewChange, sqlx::Error> {
     encode(
         kind,
+        time,
         &directory.id,
         &Resource::Directory {
             id: directory.id.clone(),
@@ -49,14 +54,19 @@ pub fn directory(kind: ChangeKind, directory: &Directory) -> Result<NewChange, s
     )
 }
 
-pub fn user(kind: ChangeKind, user: &User) -> Result<NewChange, sqlx::Error> {
-    encode(kind, &user.directory_id, &user_resource(user, None))
+pub fn user(kind: ChangeKind, user: &User, time: i64) -> Result<NewChange, sqlx::Error> {
+    encode(kind, time, &user.directory_id, &user_resource(user, None))
 }
 
 /// A change of a user in the recycle bin (its deletion, or its purge).
-pub fn deleted_user(kind: ChangeKind, deleted: &DeletedUser) -> Result<NewChange, sqlx::Error> {
+pub fn deleted_user(
+    kind: ChangeKind,
+    deleted: &DeletedUser,
+    time: i64,
+) -> Result<NewChange, sqlx::Error> {
     encode(
         kind,
+        time,
         &deleted.user.directory_id,
         &user_resource(&deleted.user, Some(deleted)),
     )
@@ -64,10 +74,12 @@ pub fn deleted_user(kind: ChangeKind, deleted: &DeletedUser) -> Result<NewChange
 
 fn encode(
     kind: ChangeKind,
+    time: i64,
     directory_id: &str,
     resource: &Resource,
 ) -> Result<NewChange, sqlx::Error> {
     Ok(NewChange {
+        time,
         kind: kind as i64,
         directory_id: directory_id.to_owned(),
         resource: serde_json::to_string(resource).map_err(|e| sqlx::Error::Encode(Box::new(e)))?,

@@ -201,12 +201,14 @@ impl DirectoryStore for SqlStore {
         .map_err(|e| on_unique(e, StoreError::DomainTaken))?;
         insert_user(&mut tx, admin, password_hash).await?;
         let recorded = [
-            changes::directory(ChangeKind::DirectoryCreated, directory)?,
-            changes::user(ChangeKind::UserCreated, admin)?,
+            changes::directory(
+                ChangeKind::DirectoryCreated,
+                directory,
+                directory.create_time,
+            )?,
+            changes::user(ChangeKind::UserCreated, admin, directory.create_time)?,
         ];
-        self.outbox
-            .record(&mut tx, &recorded, directory.create_time)
-            .await?;
+        self.outbox.record(&mut tx, &recorded).await?;
         tx.commit().await?;
         self.outbox.committed();
         Ok(())
@@ -259,10 +261,12 @@ impl DirectoryStore for SqlStore {
         let mut tx = self.pool.begin().await?;
         lock_for(&mut tx, &user.directory_id, actor).await?;
         insert_user(&mut tx, user, password_hash).await?;
-        let recorded = [changes::user(ChangeKind::UserCreated, user)?];
-        self.outbox
-            .record(&mut tx, &recorded, user.create_time)
-            .await?;
+        let recorded = [changes::user(
+            ChangeKind::UserCreated,
+            user,
+            user.create_time,
+        )?];
+        self.outbox.record(&mut tx, &recorded).await?;
         tx.commit().await?;
         self.outbox.committed();
         Ok(())
@@ -331,8 +335,8 @@ impl DirectoryStore for SqlStore {
         let user = user_from_row(&row)?;
         // The same roles again: the user is returned unchanged, and nothing is recorded.
         if before.map(RoleSet::from_bits) != Some(user.roles) {
-            let recorded = [changes::user(ChangeKind::UserRolesChanged, &user)?];
-            self.outbox.record(&mut tx, &recorded, now).await?;
+            let recorded = [changes::user(ChangeKind::UserRolesChanged, &user, now)?];
+            self.outbox.record(&mut tx, &recorded).await?;
         }
         self.announce(&mut tx, user_id).await?;
         tx.commit().await?;
@@ -401,8 +405,12 @@ impl DirectoryStore for SqlStore {
             delete_time,
             purge_time,
         };
-        let recorded = [changes::deleted_user(ChangeKind::UserDeleted, &deleted)?];
-        self.outbox.record(&mut tx, &recorded, delete_time).await?;
+        let recorded = [changes::deleted_user(
+            ChangeKind::UserDeleted,
+            &deleted,
+            delete_time,
+        )?];
+        self.outbox.record(&mut tx, &recorded).await?;
         self.announce(&mut tx, user_id).await?;
         tx.commit().await?;
         self.outbox.committed();
@@ -470,8 +478,8 @@ impl DirectoryStore for SqlStore {
             }
             other => other?,
         }
-        let recorded = [changes::user(ChangeKind::UserRestored, &user)?];
-        self.outbox.record(&mut tx, &recorded, now).await?;
+        let recorded = [changes::user(ChangeKind::UserRestored, &user, now)?];
+        self.outbox.record(&mut tx, &recorded).await?;
         self.announce(&mut tx, &user.id).await?;
         tx.commit().await?;
         self.outbox.committed();
@@ -496,8 +504,12 @@ impl DirectoryStore for SqlStore {
         if target.only_without_roles && !deleted.user.roles.is_empty() {
             return Err(StoreError::HasRoles);
         }
-        let recorded = [changes::deleted_user(ChangeKind::UserPurged, &deleted)?];
-        self.outbox.record(&mut tx, &recorded, now).await?;
+        let recorded = [changes::deleted_user(
+            ChangeKind::UserPurged,
+            &deleted,
+            now,
+        )?];
+        self.outbox.record(&mut tx, &recorded).await?;
         tx.commit().await?;
         self.outbox.committed();
         Ok(())
@@ -523,9 +535,9 @@ impl DirectoryStore for SqlStore {
         purged.sort_by(|a, b| (a.purge_time, &a.user.id).cmp(&(b.purge_time, &b.user.id)));
         let recorded = purged
             .iter()
-            .map(|deleted| changes::deleted_user(ChangeKind::UserPurged, deleted))
+            .map(|deleted| changes::deleted_user(ChangeKind::UserPurged, deleted, now))
             .collect::<Result<Vec<_>, _>>()?;
-        self.outbox.record(&mut tx, &recorded, now).await?;
+        self.outbox.record(&mut tx, &recorded).await?;
         tx.commit().await?;
         self.outbox.committed();
         Ok(purged.len() as u64)

@@ -236,9 +236,10 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
         if let Some(directory) = watcher.directory() {
             record_directory(directory);
         }
-        let begin = watch::begin(&self.cursors, request.get_ref()).map_err(to_status)?;
+        let (start, bookmark_first, cursor_time) =
+            watch::begin(&self.cursors, request.get_ref()).map_err(to_status)?;
         self.service.may_watch(&watcher).map_err(to_status)?;
-        if let Some(time) = begin.cursor_time {
+        if let Some(time) = cursor_time {
             self.service.check_cursor_time(time).map_err(to_status)?;
         }
         let directory = watcher.directory().map(str::to_owned);
@@ -249,7 +250,7 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
         };
         let stream = self
             .feed
-            .watch(begin.start, directory, begin.bookmark_first, rule)
+            .watch(start, directory, bookmark_first, rule)
             .await
             .map_err(|e| to_status(watch::not_opened(e)))?;
         Ok(Response::new(watch::changes(

@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use contract::cursor::{Cursors, Position};
+use contract::cursor::{Cursors, Position, StartAt};
 use contract::directory::v1 as pb;
 use contract::refusal::Refusal;
 use contract::time::timestamp;
@@ -21,44 +21,19 @@ use crate::store::ChangeValue;
 /// The stream WatchChanges answers with.
 pub type ChangeStream = Pin<Box<dyn Stream<Item = Result<pb::Change, Status>> + Send>>;
 
-/// Where a request starts, and the time of its cursor (to check against the retention).
-pub struct Begin {
-    pub start: Start,
-    pub bookmark_first: bool,
-    pub cursor_time: Option<i64>,
-}
-
-pub fn begin(cursors: &Cursors, request: &pb::WatchChangesRequest) -> Result<Begin, Error> {
-    let given = !request.start_after.is_empty();
-    if given && request.start_at_now {
-        return Err(
-            Refusal::InvalidCursor("start_after and start_at_now cannot both be set").into(),
-        );
-    }
-    if request.start_at_now {
-        return Ok(Begin {
-            start: Start::Now,
-            bookmark_first: true,
-            cursor_time: None,
-        });
-    }
-    if !given {
-        return Ok(Begin {
-            start: Start::Oldest,
-            bookmark_first: false,
-            cursor_time: None,
-        });
-    }
-    let position = cursors
-        .open(&request.start_after)
-        .ok_or(Refusal::InvalidCursor(
-            "not a cursor of this service's change feed",
-        ))?;
-    Ok(Begin {
-        start: Start::After(position.seq),
-        bookmark_first: false,
-        cursor_time: Some(position.time),
-    })
+/// Where a request starts, whether a bookmark comes first, and the time of its cursor (to
+/// check against the retention).
+pub fn begin(
+    cursors: &Cursors,
+    request: &pb::WatchChangesRequest,
+) -> Result<(Start, bool, Option<i64>), Error> {
+    Ok(
+        match cursors.start(&request.start_after, request.start_at_now)? {
+            StartAt::Oldest => (Start::Oldest, false, None),
+            StartAt::Now => (Start::Now, true, None),
+            StartAt::After(position) => (Start::After(position.seq), false, Some(position.time)),
+        },
+    )
 }
 
 /// The domain's checks of one stream's watcher.

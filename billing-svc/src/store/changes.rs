@@ -1,0 +1,73 @@
+//! Billing's changes as its feed stores them: each write records what it changed in its own
+//! transaction (`storage::feed::Outbox`), as JSON of the subscription as it is after the
+//! change. [`decode`] reads them back, once per change for every stream.
+
+use serde::{Deserialize, Serialize};
+use storage::feed::NewChange;
+
+use crate::domain::model::{ChangeKind, ChangeRecord, State, Subscription};
+use crate::domain::offers;
+
+/// A subscription as a change shows it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    id: String,
+    offer_id: String,
+    display_name: String,
+    directory_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner_user_id: Option<String>,
+    seats: i32,
+    /// `State::code`.
+    state: i64,
+    created_by_user_id: String,
+    create_time: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cancel_time: Option<i64>,
+}
+
+pub fn subscription(
+    kind: ChangeKind,
+    s: &Subscription,
+    time: i64,
+) -> Result<NewChange, sqlx::Error> {
+    let stored = Stored {
+        id: s.id.clone(),
+        offer_id: s.offer.id.to_owned(),
+        display_name: s.display_name.clone(),
+        directory_id: s.directory_id.clone(),
+        owner_user_id: s.owner_user_id.clone(),
+        seats: s.seats,
+        state: s.state.code(),
+        created_by_user_id: s.created_by_user_id.clone(),
+        create_time: s.create_time,
+        cancel_time: s.cancel_time,
+    };
+    Ok(NewChange {
+        time,
+        kind: kind as i64,
+        directory_id: s.directory_id.clone(),
+        resource: serde_json::to_string(&stored).map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
+    })
+}
+
+/// A stored change read back; `Err` names what did not decode.
+pub fn decode(kind: i64, resource: &str) -> Result<ChangeRecord, String> {
+    let kind = ChangeKind::from_value(kind).ok_or_else(|| format!("unknown change kind {kind}"))?;
+    let s: Stored = serde_json::from_str(resource).map_err(|e| format!("change resource: {e}"))?;
+    Ok(ChangeRecord {
+        kind,
+        subscription: Subscription {
+            offer: offers::find(&s.offer_id).ok_or_else(|| format!("offer {}", s.offer_id))?,
+            state: State::from_code(s.state).ok_or_else(|| format!("state {}", s.state))?,
+            id: s.id,
+            display_name: s.display_name,
+            directory_id: s.directory_id,
+            owner_user_id: s.owner_user_id,
+            seats: s.seats,
+            created_by_user_id: s.created_by_user_id,
+            create_time: s.create_time,
+            cancel_time: s.cancel_time,
+        },
+    })
+}
