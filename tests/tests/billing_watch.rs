@@ -98,14 +98,18 @@ async fn changes(stream: &mut Streaming<bpb::Change>, n: usize) -> Vec<bpb::Chan
 }
 
 async fn end_of(stream: &mut Streaming<bpb::Change>) -> tonic::Status {
-    loop {
-        match tokio::time::timeout(WAIT, stream.message()).await {
-            Ok(Ok(Some(_))) => {}
-            Ok(Ok(None)) => panic!("the stream ended without a status"),
-            Ok(Err(status)) => return status,
-            Err(_) => panic!("the stream did not end within {WAIT:?}"),
+    let ended = async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
         }
-    }
+    };
+    tokio::time::timeout(WAIT, ended)
+        .await
+        .unwrap_or_else(|_| panic!("the stream did not end within {WAIT:?}"))
 }
 
 #[track_caller]

@@ -82,14 +82,18 @@ async fn changes(stream: &mut Streaming<pb::Change>, n: usize) -> Vec<pb::Change
 
 /// Reads `stream` until it ends with an error, and returns it.
 async fn end_of(stream: &mut Streaming<pb::Change>) -> tonic::Status {
-    loop {
-        match tokio::time::timeout(WAIT, stream.message()).await {
-            Ok(Ok(Some(_))) => {}
-            Ok(Ok(None)) => panic!("the stream ended without a status"),
-            Ok(Err(status)) => return status,
-            Err(_) => panic!("the stream did not end within {WAIT:?}"),
+    let ended = async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
         }
-    }
+    };
+    tokio::time::timeout(WAIT, ended)
+        .await
+        .unwrap_or_else(|_| panic!("the stream did not end within {WAIT:?}"))
 }
 
 #[track_caller]
