@@ -254,3 +254,78 @@ async fn wrong_targets_are_refused_before_any_load() {
     assert!(https.stderr.contains("plaintext"), "{}", https.stderr);
     directory.stop().await;
 }
+
+/// `loadgen watch`: 20 streams over three connections each receive every one of 20 writes,
+/// in order; and one stream replays a backlog the fixture loader wrote through the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_scenario_reaches_every_stream_and_replays_a_backlog() {
+    let db = TestDb::sqlite();
+    let fixtures = loadgen(&[
+        "fixtures",
+        "--directories",
+        "1",
+        "--users-per-directory",
+        "1",
+        "--changes",
+        "3000",
+        "--rows-per-transaction",
+        "1000",
+        "--argon2-memory-kib",
+        "64",
+        "--argon2-iterations",
+        "1",
+        "--directory-db",
+        &db.url,
+    ])
+    .await;
+    assert!(fixtures.success, "fixtures: {}", fixtures.stderr);
+    let server = DirectoryServer::start(&db).await;
+    let addr = server.addr.to_string();
+    let live = loadgen(&[
+        "watch",
+        "--directory",
+        &addr,
+        "--streams",
+        "20",
+        "--streams-per-connection",
+        "8",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+        "--json",
+    ])
+    .await
+    .report();
+    assert_eq!(count(&live, "writes"), 20, "{live}");
+    assert_eq!(count(&live, "connections"), 3, "{live}");
+    assert_eq!(count(&live, "streams_complete"), 20, "{live}");
+    assert_eq!(count(&live, "streams_out_of_order"), 0, "{live}");
+    assert_eq!(count(&live, "deliveries"), 400, "{live}");
+    let token_file = db.service_token_file();
+    let replay = loadgen(&[
+        "watch",
+        "--directory",
+        &addr,
+        "--replay",
+        "3000",
+        "--service-token-file",
+        token_file.to_str().expect("a UTF-8 path"),
+        "--json",
+    ])
+    .await
+    .report();
+    assert_eq!(count(&replay, "changes"), 3000, "{replay}");
+    // More than the backlog: the stream catches up, idles, and says so with a bookmark.
+    let too_many = loadgen(&[
+        "watch",
+        "--directory",
+        &addr,
+        "--replay",
+        "5000",
+        "--service-token-file",
+        token_file.to_str().expect("a UTF-8 path"),
+    ])
+    .await;
+    assert!(!too_many.success);
+}

@@ -8,7 +8,7 @@ mod changes;
 mod sql;
 
 pub use cached::CachedStore;
-pub use changes::decode as decode_change;
+pub use changes::{decode as decode_change, user as user_change};
 pub use sql::SqlStore;
 
 pub use crate::domain::ports::*;

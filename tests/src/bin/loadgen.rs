@@ -64,6 +64,9 @@ enum Command {
     /// Stop the services, or at least expect SQLite writes to wait for the loader, while it
     /// runs. Prints how long the load took.
     Fixtures(FixtureArgs),
+    /// Put load on the change feed: N streams and writes at a rate (delivery latency, every
+    /// change on every stream), or the replay of a long backlog on one stream.
+    Watch(loadgen::watch::WatchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -145,6 +148,7 @@ fn main() -> ExitCode {
             runtime.block_on(async move {
                 match cli.command {
                     Some(Command::Fixtures(args)) => loadgen::fixtures::load(args).await,
+                    Some(Command::Watch(args)) => loadgen::watch::run(args).await,
                     Some(Command::Run(args)) => run(args).await,
                     None => run(cli.run).await,
                 }

@@ -44,6 +44,11 @@ pub struct FixtureArgs {
     /// directory), odd ones azure-pay-as-you-go (owned by the admin). Needs --billing-db.
     #[arg(long, default_value_t = 0)]
     pub subscriptions_per_directory: u32,
+    /// Changes to add to the directory's change feed after the users: the first directory's
+    /// admin's USER_ROLES_CHANGED, recorded through directory-svc's own outbox code, as a
+    /// backlog to replay (`loadgen watch --replay`).
+    #[arg(long, default_value_t = 0)]
+    pub changes: u64,
     /// directory-svc's database (`sqlite://PATH` or `postgres://...`).
     #[arg(long)]
     pub directory_db: String,
@@ -327,6 +332,25 @@ pub async fn load(args: FixtureArgs) -> anyhow::Result<()> {
     }
     let subscriptions_secs = phase.elapsed().as_secs_f64();
 
+    // 4. The change feed's backlog.
+    let phase = Instant::now();
+    if args.changes > 0 {
+        insert_changes(
+            &directory.pool,
+            directory.engine,
+            &dirs,
+            args.changes,
+            args.rows_per_transaction,
+            now,
+        )
+        .await?;
+        println!(
+            "  {} changes in {:.2} s",
+            args.changes,
+            phase.elapsed().as_secs_f64()
+        );
+    }
+
     directory.analyze("directories, users").await?;
     directory.pool.close().await;
     if let Some(billing) = billing {
@@ -575,5 +599,43 @@ async fn insert_subscriptions(
     tx.commit()
         .await
         .with_context(|| format!("cannot commit subscriptions of {}", dir.domain))?;
+    Ok(())
+}
+
+/// `count` USER_ROLES_CHANGED changes of the first directory's admin, through the outbox
+/// directory-svc writes them with, `per_tx` to a transaction.
+async fn insert_changes(
+    pool: &AnyPool,
+    engine: Engine,
+    dirs: &[Dir],
+    count: u64,
+    per_tx: u32,
+    now: i64,
+) -> anyhow::Result<()> {
+    let dir = dirs.first().context("no directory")?;
+    let admin = directory_svc::domain::model::User {
+        id: dir.admin_id.clone(),
+        directory_id: dir.id.clone(),
+        upn: format!("admin@{}", dir.domain),
+        display_name: "Admin".to_owned(),
+        roles: RoleSet::of([Role::GlobalAdministrator]),
+        create_time: now,
+        token_generation: 0,
+    };
+    let change = directory_svc::store::user_change(
+        directory_svc::domain::model::ChangeKind::UserRolesChanged,
+        &admin,
+        now,
+    )?;
+    let outbox = storage::feed::Outbox::new(engine);
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(u64::from(per_tx.max(1)));
+        let batch = vec![change.clone(); usize::try_from(n).unwrap_or(1)];
+        let mut tx = pool.begin().await?;
+        outbox.record(&mut tx, &batch).await?;
+        tx.commit().await?;
+        left -= n;
+    }
     Ok(())
 }

@@ -4,3 +4,4 @@ pub mod fixtures;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod watch;

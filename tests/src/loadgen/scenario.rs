@@ -208,7 +208,7 @@ pub struct Workload {
 }
 
 /// The reply of a setup call, or an error naming the call.
-async fn setup_call<T>(
+pub async fn setup_call<T>(
     what: &str,
     call: impl Future<Output = Result<Response<T>, Status>>,
 ) -> anyhow::Result<T> {
@@ -226,13 +226,13 @@ async fn setup_call<T>(
     }
 }
 
-fn bearer(token: &str) -> anyhow::Result<AsciiMetadataValue> {
+pub fn bearer(token: &str) -> anyhow::Result<AsciiMetadataValue> {
     format!("Bearer {token}")
         .parse()
         .context("the access token is not valid metadata")
 }
 
-fn authed<T>(message: T, bearer: &AsciiMetadataValue) -> Request<T> {
+pub fn authed<T>(message: T, bearer: &AsciiMetadataValue) -> Request<T> {
     let mut request = Request::new(message);
     request
         .metadata_mut()
@@ -241,12 +241,12 @@ fn authed<T>(message: T, bearer: &AsciiMetadataValue) -> Request<T> {
 }
 
 /// A random domain prefix: `lg` and 14 hex digits (a-z 0-9, 16 characters).
-fn random_prefix() -> String {
+pub fn random_prefix() -> String {
     let hex = uuid::Uuid::new_v4().simple().to_string();
     format!("lg{}", hex.get(..14).unwrap_or(&hex))
 }
 
-async fn sign_in(
+pub async fn sign_in(
     directory: &mut DirectoryServiceClient<Channel>,
     upn: &str,
     password: &str,
