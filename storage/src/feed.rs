@@ -594,7 +594,7 @@ impl<T, E> futures::Stream for Watch<T, E> {
 }
 
 /// The reader: after each wake, reads the changes committed since the last and sends them to
-/// the streams as one or more batches. With no stream open it only follows the head.
+/// the streams as one or more batches. With no stream open it reads nothing.
 async fn follow<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, wake: Arc<tokio::sync::Notify>) {
     let mut position = None;
     let mut closing = shared.closing.subscribe();
@@ -612,8 +612,22 @@ async fn follow<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, wake: Arc<toki
 }
 
 async fn read_new<T>(shared: &Shared<T>, position: &mut Option<i64>) -> Result<(), sqlx::Error> {
+    // No stream: nothing to read, not even the head (a write costs the feed nothing then).
+    // A stream that opens catches up from the database by itself, then takes the batches
+    // from wherever the reader starts again.
+    if shared.batches.receiver_count() == 0 {
+        *position = None;
+        return Ok(());
+    }
     let head = head(&shared.pool).await?;
-    let Some(mut at) = position.filter(|_| shared.batches.receiver_count() > 0) else {
+    let Some(mut at) = *position else {
+        // Where the reader starts again. A stream behind it learns so from this empty batch
+        // (it starts after the stream's position) and reads up to here from the database.
+        let _ = shared.batches.send(Arc::new(Batch {
+            after: head,
+            upto: head,
+            entries: Vec::new(),
+        }));
         *position = Some(head);
         return Ok(());
     };

@@ -9,6 +9,7 @@ of the CPU the hypervisor stole during each run (`steal`; see run.py).
 
   cargo build --release --bin directory-svc --bin billing-svc --bin loadgen
   python3 tests/bench/targets.py [--pairs 3] [--duration 5] [--backends sqlite,postgres]
+      [--scenarios authorize,get-subscription,create-subscription]
 """
 import argparse, os, statistics, sys
 
@@ -31,6 +32,8 @@ def measure(backend, opts):
             return r["requests_per_sec"], r["steal_pct"]
 
         for scenario, target in TARGETS.items():
+            if scenario not in opts.scenarios.split(","):
+                continue
             ratios, steals = [], []
             for _ in range(opts.pairs):
                 (base, base_steal), (got, got_steal) = rate("health"), rate(scenario)
@@ -49,6 +52,7 @@ def main():
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--duration", type=int, default=5)
     p.add_argument("--backends", default="sqlite,postgres")
+    p.add_argument("--scenarios", default=",".join(TARGETS), help="a subset of the targets")
     opts = p.parse_args()
     rows = []
     for backend in opts.backends.split(","):
