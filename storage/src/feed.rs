@@ -11,7 +11,8 @@
 //! its numbers back), so a stream can tell a change that is gone from one that never was.
 //!
 //! It knows no wire type and no service's rules: a service decodes its rows (`Decode`), and
-//! gives each stream a [`Rule`] that may end it.
+//! gives each stream a [`Rule`] that may end it; the ends the contract names are its
+//! refusals (`contract::refusal::Refusal`), which every service's error carries.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,9 @@ use sqlx::{AnyPool, Row as _};
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
 use tokio::time::Instant;
+
+use contract::cursor::StartAt;
+use contract::refusal::Refusal;
 
 use crate::db::Engine;
 
@@ -167,6 +171,21 @@ pub enum End<E> {
     Rule(E),
 }
 
+impl<E: From<Refusal>> End<E> {
+    /// The service's error for this end: the contract's refusal of each (`CURSOR_EXPIRED`,
+    /// `CONSUMER_TOO_SLOW`, `SHUTTING_DOWN`), the rule's own error, or `database`'s for a
+    /// failed statement.
+    pub fn into_error(self, database: impl FnOnce(sqlx::Error) -> E) -> E {
+        match self {
+            End::Expired => Refusal::CursorExpired.into(),
+            End::TooSlow => Refusal::ConsumerTooSlow.into(),
+            End::Closing => Refusal::ShuttingDown.into(),
+            End::Failed(err) => database(err),
+            End::Rule(err) => err,
+        }
+    }
+}
+
 /// What may end a stream besides the feed: a service's checks of its watcher.
 pub trait Rule<T>: Send + 'static {
     type Error: Send + 'static;
@@ -185,6 +204,16 @@ pub enum Start {
     Now,
     /// After the change (or bookmark) numbered so.
     After(i64),
+}
+
+/// Where a WatchChanges request starts (`contract::cursor::StartAt`), whether a bookmark
+/// comes first, and the time of its cursor (to check against the retention).
+pub fn begin(start: StartAt) -> (Start, bool, Option<i64>) {
+    match start {
+        StartAt::Oldest => (Start::Oldest, false, None),
+        StartAt::Now => (Start::Now, true, None),
+        StartAt::After(position) => (Start::After(position.seq), false, Some(position.time)),
+    }
 }
 
 /// The feed's settings.
@@ -256,6 +285,17 @@ pub enum OpenError {
     TooManyStreams,
     Closing,
     Failed(sqlx::Error),
+}
+
+impl OpenError {
+    /// The service's error: `TOO_MANY_STREAMS`, `SHUTTING_DOWN`, or `database`'s.
+    pub fn into_error<E: From<Refusal>>(self, database: impl FnOnce(sqlx::Error) -> E) -> E {
+        match self {
+            OpenError::TooManyStreams => Refusal::TooManyStreams.into(),
+            OpenError::Closing => Refusal::ShuttingDown.into(),
+            OpenError::Failed(err) => database(err),
+        }
+    }
 }
 
 /// A service's change feed in this process.

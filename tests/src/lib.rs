@@ -16,6 +16,7 @@ pub use contract;
 pub use platform;
 pub use storage;
 
+pub mod feed;
 pub mod process;
 pub mod raw;
 

@@ -6,14 +6,12 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use integration_tests::contract::billing::v1 as bpb;
 use integration_tests::contract::directory::v1 as dpb;
+use integration_tests::feed::{assert_ended, changes, end_of, next, seq};
 use integration_tests::*;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
-
-const WAIT: Duration = Duration::from_secs(20);
 
 struct World {
     _ddb: TestDb,
@@ -75,54 +73,6 @@ async fn watch(
     ))
     .await
     .map(tonic::Response::into_inner)
-}
-
-async fn next(stream: &mut Streaming<bpb::Change>) -> bpb::Change {
-    match tokio::time::timeout(WAIT, stream.message()).await {
-        Ok(Ok(Some(change))) => change,
-        Ok(Ok(None)) => panic!("the stream ended"),
-        Ok(Err(status)) => panic!("the stream failed: {status:?}"),
-        Err(_) => panic!("nothing came within {WAIT:?}"),
-    }
-}
-
-async fn changes(stream: &mut Streaming<bpb::Change>, n: usize) -> Vec<bpb::Change> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let change = next(stream).await;
-        if change.r#type != bpb::ChangeType::Bookmark as i32 {
-            out.push(change);
-        }
-    }
-    out
-}
-
-async fn end_of(stream: &mut Streaming<bpb::Change>) -> tonic::Status {
-    let ended = async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the stream ended without a status"),
-                Err(status) => return status,
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, ended)
-        .await
-        .unwrap_or_else(|_| panic!("the stream did not end within {WAIT:?}"))
-}
-
-#[track_caller]
-fn assert_ended(status: &tonic::Status, code: Code, reason: &str) {
-    assert_eq!(status.code(), code, "{status:?}");
-    assert_eq!(details(status).0, reason, "{status:?}");
-}
-
-fn seq(cursor: &str) -> i64 {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .expect("base64url cursor");
-    i64::from_be_bytes(raw[..8].try_into().expect("8 bytes"))
 }
 
 /// The committed changes of billing, in order: (seq, kind, subscription id).

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use integration_tests::contract::directory::v1 as pb;
+use integration_tests::feed::{WAIT, assert_ended, changes, end_of, next, seq};
 use integration_tests::platform::clock::ManualClock;
 use integration_tests::*;
 use pb::Role;
@@ -17,8 +17,6 @@ use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 const T0: i64 = 1_800_000_000_000_000;
-/// How long a test waits for what must come.
-const WAIT: Duration = Duration::from_secs(20);
 
 fn config(db: &TestDb, clock: &ManualClock) -> directory_svc::Config {
     let mut config = directory_config(db);
@@ -56,59 +54,6 @@ async fn watch(
         ))
         .await
         .map(tonic::Response::into_inner)
-}
-
-/// The next message of `stream`, bookmark or change.
-async fn next(stream: &mut Streaming<pb::Change>) -> pb::Change {
-    match tokio::time::timeout(WAIT, stream.message()).await {
-        Ok(Ok(Some(change))) => change,
-        Ok(Ok(None)) => panic!("the stream ended"),
-        Ok(Err(status)) => panic!("the stream failed: {status:?}"),
-        Err(_) => panic!("nothing came within {WAIT:?}"),
-    }
-}
-
-/// The next `n` changes of `stream`, bookmarks skipped.
-async fn changes(stream: &mut Streaming<pb::Change>, n: usize) -> Vec<pb::Change> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let change = next(stream).await;
-        if change.r#type != pb::ChangeType::Bookmark as i32 {
-            out.push(change);
-        }
-    }
-    out
-}
-
-/// Reads `stream` until it ends with an error, and returns it.
-async fn end_of(stream: &mut Streaming<pb::Change>) -> tonic::Status {
-    let ended = async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the stream ended without a status"),
-                Err(status) => return status,
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, ended)
-        .await
-        .unwrap_or_else(|_| panic!("the stream did not end within {WAIT:?}"))
-}
-
-#[track_caller]
-fn assert_ended(status: &tonic::Status, code: Code, reason: &str) {
-    assert_eq!(status.code(), code, "{status:?}");
-    assert_eq!(details(status).0, reason, "{status:?}");
-}
-
-/// The number a cursor carries (its first 8 bytes: the tests know the format; callers must
-/// not).
-fn seq(cursor: &str) -> i64 {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .expect("base64url cursor");
-    i64::from_be_bytes(raw[..8].try_into().expect("8 bytes"))
 }
 
 /// The committed changes, in order: (seq, directory, kind, resource id).

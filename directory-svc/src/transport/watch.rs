@@ -4,9 +4,8 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use contract::cursor::{Cursors, Position, StartAt};
+use contract::cursor::{Cursors, Position};
 use contract::directory::v1 as pb;
-use contract::refusal::Refusal;
 use contract::time::timestamp;
 use futures::{Stream, StreamExt as _};
 use storage::feed::{End, Entry, Event, OpenError, Start};
@@ -27,13 +26,8 @@ pub fn begin(
     cursors: &Cursors,
     request: &pb::WatchChangesRequest,
 ) -> Result<(Start, bool, Option<i64>), Error> {
-    Ok(
-        match cursors.start(&request.start_after, request.start_at_now)? {
-            StartAt::Oldest => (Start::Oldest, false, None),
-            StartAt::Now => (Start::Now, true, None),
-            StartAt::After(position) => (Start::After(position.seq), false, Some(position.time)),
-        },
-    )
+    let start = cursors.start(&request.start_after, request.start_at_now)?;
+    Ok(storage::feed::begin(start))
 }
 
 /// The domain's checks of one stream's watcher.
@@ -60,24 +54,15 @@ impl storage::feed::Rule<ChangeValue> for Rule {
 
 /// The error a stream ends with.
 pub fn ended(end: End<Error>) -> Error {
-    match end {
-        End::Expired => Refusal::CursorExpired.into(),
-        End::TooSlow => Refusal::ConsumerTooSlow.into(),
-        End::Closing => Refusal::ShuttingDown.into(),
-        End::Failed(err) => database(err),
-        End::Rule(err) => err,
-    }
+    end.into_error(database)
 }
 
 /// The error of a stream that could not open.
 pub fn not_opened(err: OpenError) -> Error {
-    match err {
-        OpenError::TooManyStreams => Refusal::TooManyStreams.into(),
-        OpenError::Closing => Refusal::ShuttingDown.into(),
-        OpenError::Failed(err) => database(err),
-    }
+    err.into_error(database)
 }
 
+/// A failed statement of the feed, as the service's error.
 pub fn database(err: sqlx::Error) -> Error {
     match storage::db::classify(err) {
         storage::db::Failure::Unavailable(err) => Error::Unavailable(err),
