@@ -326,7 +326,6 @@ async fn eight_writers_and_four_streams_every_change_exactly_once_in_order(backe
             "stream {i}: not the committed changes in order"
         );
     }
-    // And nothing more: the next message on an idle stream is a bookmark at the last change.
     drop(second);
 }
 
@@ -498,6 +497,13 @@ async fn old_changes_are_removed_without_breaking_a_stream_in_the_window(backend
         .await
         .expect("watch");
     let read = changes(&mut stream, 2).await;
+    // A bookmark at jane's change, at T0 + 30 min: inside the window to the end of the test.
+    let mut at_now = watch(&mut client, &tenant.token, "", true)
+        .await
+        .expect("watch");
+    let mark = next(&mut at_now).await;
+    assert_eq!(seq(&mark.cursor), 3);
+    drop(at_now);
     // The first two pass the retention; the stream is past them, reading within the window.
     clock.advance(Duration::from_secs(1800) + Duration::from_micros(1));
     for _ in 0..400 {
@@ -528,6 +534,18 @@ async fn old_changes_are_removed_without_breaking_a_stream_in_the_window(backend
         .await
         .expect_err("expired");
     assert_ended(&status, Code::OutOfRange, "CURSOR_EXPIRED");
+    // A cursor inside the window whose following changes are gone (removed from the oldest,
+    // as the task removes them, here by hand past it) ends the stream with CURSOR_EXPIRED
+    // instead of skipping them.
+    query_rows(&db.url, "DELETE FROM changes WHERE seq <= 4").await;
+    let mut after_mark = watch(&mut client, &tenant.token, &mark.cursor, false)
+        .await
+        .expect("a cursor within the retention");
+    assert_ended(
+        &end_of(&mut after_mark).await,
+        Code::OutOfRange,
+        "CURSOR_EXPIRED",
+    );
 }
 
 async fn a_stream_sees_only_its_own_directory_and_only_admins_may_watch(backend: Backend) {

@@ -52,12 +52,6 @@ fn verdict(answer: Result<super::Caller>) -> Option<Error> {
 }
 
 impl Service {
-    /// The directory's word on `token` as a watcher: who it is, and whether it may watch
-    /// (`allowed`), checked in that order around the request's own validation.
-    pub async fn watch_caller(&self, token: Option<&str>) -> Result<super::Caller> {
-        self.caller(token, Check::Manage).await
-    }
-
     /// Opens the watch of `caller` (authenticated by `token`): PERMISSION_DENIED unless a
     /// Global or Billing Administrator; asked again every `recheck` while it lasts.
     pub fn watcher(
