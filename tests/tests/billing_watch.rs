@@ -99,6 +99,7 @@ fn delivered(changes: &[bpb::Change]) -> Vec<(i64, i32, String)> {
         .map(|c| {
             let id = match &c.resource {
                 Some(bpb::change::Resource::Subscription(s)) => s.id.clone(),
+                Some(bpb::change::Resource::LicenseAssignment(a)) => a.user_id.clone(),
                 None => String::new(),
             };
             (seq(&c.cursor), c.r#type, id)

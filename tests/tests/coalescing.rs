@@ -81,6 +81,7 @@ async fn concurrent_authorize_calls_each_get_their_own_user(backend: Backend) {
                         .authorize(authed(
                             dpb::AuthorizeRequest {
                                 action: dpb::Action::PurchaseSubscription as i32,
+                                ..Default::default()
                             },
                             token,
                         ))
@@ -207,6 +208,7 @@ async fn reads_survive_the_database_dropping_their_connections() {
         dir.authorize(authed(
             dpb::AuthorizeRequest {
                 action: dpb::Action::PurchaseSubscription as i32,
+                ..Default::default()
             },
             &tenant.token,
         ))

@@ -297,6 +297,7 @@ async fn calls_without_a_valid_token_are_unauthenticated(backend: Backend) {
         client
             .authorize(pb::AuthorizeRequest {
                 action: pb::Action::ReadSubscriptions as i32,
+                ..Default::default()
             })
             .await,
         Code::Unauthenticated,
@@ -1182,6 +1183,7 @@ async fn delete_user_rules_and_deleted_tokens_stop_working(backend: Backend) {
             .authorize(authed(
                 pb::AuthorizeRequest {
                     action: pb::Action::ReadSubscriptions as i32,
+                    ..Default::default()
                 },
                 &jane_token,
             ))
@@ -1331,6 +1333,7 @@ async fn authorize_decides_from_roles_as_stored_now(backend: Backend) {
                 .authorize(authed(
                     pb::AuthorizeRequest {
                         action: action as i32,
+                        ..Default::default()
                     },
                     token,
                 ))
@@ -1346,6 +1349,7 @@ async fn authorize_decides_from_roles_as_stored_now(backend: Backend) {
         .authorize(authed(
             pb::AuthorizeRequest {
                 action: PurchaseSubscription as i32,
+                ..Default::default()
             },
             &jane_token,
         ))
@@ -1370,6 +1374,7 @@ async fn authorize_decides_from_roles_as_stored_now(backend: Backend) {
         .authorize(authed(
             pb::AuthorizeRequest {
                 action: PurchaseSubscription as i32,
+                ..Default::default()
             },
             &tricia_token,
         ))
@@ -1382,12 +1387,100 @@ async fn authorize_decides_from_roles_as_stored_now(backend: Backend) {
     for action in [0, 77] {
         let status = expect_err(
             client
-                .authorize(authed(pb::AuthorizeRequest { action }, &t.token))
+                .authorize(authed(
+                    pb::AuthorizeRequest {
+                        action,
+                        ..Default::default()
+                    },
+                    &t.token,
+                ))
                 .await,
             Code::InvalidArgument,
             "INVALID_ARGUMENT",
         );
         assert_eq!(details(&status).2, vec!["action"]);
+    }
+}
+
+/// Authorize's subject: whether a user is an active user of the caller's directory, answered
+/// the same way for a deleted user, a user of another directory and an unknown id; and who
+/// may read every licence assignment.
+async fn authorize_tells_whether_its_subject_is_an_active_user(backend: Backend) {
+    let db = db_or_skip!(backend);
+    let server = DirectoryServer::start(&db).await;
+    let mut client = server.client().await;
+    let t = sign_up(&mut client, "contoso").await;
+    let other = sign_up(&mut client, "fabrikam").await;
+    let (jane, jane_token) = add_user(&mut client, &t, "jane", &[]).await;
+    let (tricia, _) = add_user(&mut client, &t, "tricia", &[]).await;
+    client
+        .delete_user(authed(
+            pb::DeleteUserRequest {
+                user_id: tricia.id.clone(),
+            },
+            &t.token,
+        ))
+        .await
+        .expect("delete Tricia");
+    let asker = client.clone();
+    let ask = async |token: &str, action: pb::Action, subject: &str| {
+        asker
+            .clone()
+            .authorize(authed(
+                pb::AuthorizeRequest {
+                    action: action as i32,
+                    subject_user_id: subject.to_owned(),
+                },
+                token,
+            ))
+            .await
+    };
+    for (subject, active) in [
+        (jane.id.as_str(), true),
+        (t.admin.id.as_str(), true),
+        (tricia.id.as_str(), false),
+        (other.admin.id.as_str(), false),
+        ("00000000-0000-4000-8000-000000000000", false),
+        ("", false),
+    ] {
+        let answer = ask(&t.token, pb::Action::ManageLicenses, subject)
+            .await
+            .expect("authorize")
+            .into_inner();
+        assert_eq!(answer.subject_active, active, "{subject:?}");
+        assert!(answer.allowed);
+        // A caller refused the action gets the same answer about the subject.
+        let answer = ask(&jane_token, pb::Action::ManageLicenses, subject)
+            .await
+            .expect("authorize")
+            .into_inner();
+        assert_eq!(answer.subject_active, active, "{subject:?}");
+        assert!(!answer.allowed);
+    }
+    let status = expect_err(
+        ask(&t.token, pb::Action::ManageLicenses, "jane").await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_eq!(details(&status).2, vec!["subject_user_id".to_owned()]);
+    let (_, billing_token) = add_user(&mut client, &t, "bill", &[Role::BillingAdministrator]).await;
+    let (_, license_token) = add_user(&mut client, &t, "lisa", &[Role::LicenseAdministrator]).await;
+    for (token, reads, manages) in [
+        (&t.token, true, true),
+        (&billing_token, true, false),
+        (&license_token, true, true),
+        (&jane_token, false, false),
+    ] {
+        for (action, allowed) in [
+            (pb::Action::ReadLicenses, reads),
+            (pb::Action::ManageLicenses, manages),
+        ] {
+            let answer = ask(token, action, "")
+                .await
+                .expect("authorize")
+                .into_inner();
+            assert_eq!(answer.allowed, allowed, "{action:?} {answer:?}");
+        }
     }
 }
 
@@ -1667,9 +1760,12 @@ async fn every_authenticated_rpc_needs_a_token(backend: Backend) {
         })
         .await
         .map(|_| ()),
-        c.authorize(pb::AuthorizeRequest { action: 1 })
-            .await
-            .map(|_| ()),
+        c.authorize(pb::AuthorizeRequest {
+            action: 1,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ()),
     ];
     for result in results {
         let status = result.expect_err("needs a token");
@@ -1797,6 +1893,7 @@ on_both_backends!(
     delete_user_rules_and_deleted_tokens_stop_working,
     concurrent_demotions_never_leave_a_directory_without_a_global_administrator,
     authorize_decides_from_roles_as_stored_now,
+    authorize_tells_whether_its_subject_is_an_active_user,
     a_restart_keeps_directories_users_and_valid_tokens,
     health_and_reflection_are_served,
     request_ids_are_echoed_or_generated,

@@ -82,7 +82,14 @@ async fn a_burst_of_answers_read_late_keeps_the_connection() {
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..CALLS {
         let mut client = client.clone();
-        calls.spawn(async move { client.authorize(dpb::AuthorizeRequest { action: 1 }).await });
+        calls.spawn(async move {
+            client
+                .authorize(dpb::AuthorizeRequest {
+                    action: 1,
+                    ..Default::default()
+                })
+                .await
+        });
     }
     let answers = tokio::time::timeout(Duration::from_secs(20), calls.join_all())
         .await
@@ -167,9 +174,14 @@ async fn late_answers_to_calls_given_up_keep_the_connection() {
             let mut calls = tokio::task::JoinSet::new();
             for _ in 0..WAVE {
                 let mut client = client.clone();
-                calls.spawn(
-                    async move { client.authorize(dpb::AuthorizeRequest { action: 1 }).await },
-                );
+                calls.spawn(async move {
+                    client
+                        .authorize(dpb::AuthorizeRequest {
+                            action: 1,
+                            ..Default::default()
+                        })
+                        .await
+                });
             }
             // Each call reached the directory before its caller gives up.
             for _ in 0..WAVE {
@@ -186,7 +198,10 @@ async fn late_answers_to_calls_given_up_keep_the_connection() {
     let mut client = client.clone();
     let answer = tokio::time::timeout(
         Duration::from_secs(5),
-        client.authorize(dpb::AuthorizeRequest { action: 2 }),
+        client.authorize(dpb::AuthorizeRequest {
+            action: 2,
+            ..Default::default()
+        }),
     )
     .await
     .expect("answered in time")
@@ -237,7 +252,10 @@ async fn a_goaway_before_the_call_was_processed_fails_the_call_and_reconnects() 
     let mut client = client(&url, Duration::from_secs(1));
     for call in 1..=2 {
         let status = client
-            .authorize(dpb::AuthorizeRequest { action: 1 })
+            .authorize(dpb::AuthorizeRequest {
+                action: 1,
+                ..Default::default()
+            })
             .await
             .expect_err("the replica refuses every call");
         assert!(
@@ -265,7 +283,10 @@ async fn a_refused_connection_is_unavailable_and_tried_again() {
     for _ in 0..2 {
         let started = std::time::Instant::now();
         let status = client
-            .authorize(dpb::AuthorizeRequest { action: 1 })
+            .authorize(dpb::AuthorizeRequest {
+                action: 1,
+                ..Default::default()
+            })
             .await
             .expect_err("nothing listens");
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
@@ -304,7 +325,10 @@ async fn a_tls_handshake_that_never_completes_is_cut_off_at_the_connect_timeout(
         let started = std::time::Instant::now();
         let status = tokio::time::timeout(
             Duration::from_secs(5),
-            client.authorize(dpb::AuthorizeRequest { action: 1 }),
+            client.authorize(dpb::AuthorizeRequest {
+                action: 1,
+                ..Default::default()
+            }),
         )
         .await
         .expect("cut off at the connect timeout")

@@ -900,7 +900,13 @@ async fn directory_refuses_every_bad_field_and_writes_nothing(backend: Backend) 
     ] {
         let result = w
             .dir
-            .authorize(authed(dpb::AuthorizeRequest { action }, &token))
+            .authorize(authed(
+                dpb::AuthorizeRequest {
+                    action,
+                    ..Default::default()
+                },
+                &token,
+            ))
             .await;
         assert_invalid(
             &format!("Authorize action {label}"),
@@ -2047,6 +2053,7 @@ async fn every_invalid_token_is_unauthenticated_with_one_generic_answer(backend:
                 dir.authorize(authed(
                     dpb::AuthorizeRequest {
                         action: dpb::Action::PurchaseSubscription as i32,
+                        ..Default::default()
                     },
                     token,
                 ))

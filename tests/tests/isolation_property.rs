@@ -551,7 +551,13 @@ impl World {
         let action = 1 + self.rng.below(4) as i32;
         let answer = self
             .dir
-            .authorize(authed(dpb::AuthorizeRequest { action }, &token))
+            .authorize(authed(
+                dpb::AuthorizeRequest {
+                    action,
+                    ..Default::default()
+                },
+                &token,
+            ))
             .await;
         self.assert_no_leak(&ctx, dir, &shown(&answer), &[]);
         if let Ok(decision) = &answer {

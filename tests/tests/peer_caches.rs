@@ -22,6 +22,7 @@ async fn authorize(dir: &mut Dir, token: &str) -> Result<dpb::AuthorizeResponse,
     dir.authorize(authed(
         dpb::AuthorizeRequest {
             action: dpb::Action::PurchaseSubscription as i32,
+            ..Default::default()
         },
         token,
     ))

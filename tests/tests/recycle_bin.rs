@@ -138,6 +138,7 @@ async fn authorize(
         .authorize(authed(
             pb::AuthorizeRequest {
                 action: action as i32,
+                ..Default::default()
             },
             token,
         ))
@@ -235,6 +236,7 @@ async fn deleting_moves_a_user_to_the_bin_and_frees_its_upn_at_once(backend: Bac
             .authorize(authed(
                 pb::AuthorizeRequest {
                     action: pb::Action::ReadSubscriptions as i32,
+                    ..Default::default()
                 },
                 &jane_token,
             ))

@@ -80,6 +80,7 @@ async fn two_replicas_of_each_service_share_everything_through_postgres() {
         .authorize(authed(
             dpb::AuthorizeRequest {
                 action: dpb::Action::PurchaseSubscription as i32,
+                ..Default::default()
             },
             &tricia_token,
         ))
@@ -100,6 +101,7 @@ async fn two_replicas_of_each_service_share_everything_through_postgres() {
         .authorize(authed(
             dpb::AuthorizeRequest {
                 action: dpb::Action::PurchaseSubscription as i32,
+                ..Default::default()
             },
             &tricia_token,
         ))

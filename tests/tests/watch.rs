@@ -665,6 +665,7 @@ async fn the_service_token_sees_every_directory_and_nothing_else(backend: Backen
             .authorize(authed(
                 pb::AuthorizeRequest {
                     action: pb::Action::ManageUsers as i32,
+                    ..Default::default()
                 },
                 &token,
             ))

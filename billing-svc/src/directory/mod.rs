@@ -198,12 +198,15 @@ fn action(check: Check) -> dpb::Action {
     match check {
         Check::Purchase => dpb::Action::PurchaseSubscription,
         Check::Manage => dpb::Action::ManageSubscriptions,
+        Check::Read => dpb::Action::ReadSubscriptions,
+        Check::ManageLicenses => dpb::Action::ManageLicenses,
+        Check::ReadLicenses => dpb::Action::ReadLicenses,
     }
 }
 
 #[async_trait]
 impl Authorizer for GrpcDirectory {
-    async fn authorize(&self, token: &str, check: Check) -> Result<Caller> {
+    async fn authorize(&self, token: &str, check: Check, subject: Option<&str>) -> Result<Caller> {
         // What the call being served carries (see `CallContext`).
         let (caller_deadline, request_id, traceparent) = CALL
             .try_with(|call| {
@@ -227,6 +230,7 @@ impl Authorizer for GrpcDirectory {
             }
             let mut request = tonic::Request::new(dpb::AuthorizeRequest {
                 action: action(check) as i32,
+                subject_user_id: subject.unwrap_or_default().to_owned(),
             });
             request
                 .metadata_mut()
@@ -279,6 +283,7 @@ impl Authorizer for GrpcDirectory {
                         directory_id: answer.directory_id,
                         allowed: answer.allowed,
                         reason: answer.reason,
+                        subject_active: answer.subject_active,
                     });
                 }
                 Ok(Err(status)) => status,

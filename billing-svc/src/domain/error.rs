@@ -13,6 +13,21 @@ pub enum Error {
     PermissionDenied(String),
     #[error("subscription not found")]
     NotFound,
+    /// Not an active user of the caller's directory (deleted, of another directory, unknown).
+    #[error("user not found")]
+    UserNotFound,
+    #[error("the user holds no licence of this offer")]
+    LicenseNotFound,
+    #[error("every licence of this offer in the directory is assigned; buy seats or free one")]
+    NoAvailableLicenses,
+    #[error(
+        "the directory's pool of this offer would have fewer seats than assigned licences; remove licences first"
+    )]
+    LicensesInUse,
+    #[error("the subscription is not active")]
+    SubscriptionNotActive,
+    #[error("the subscription is not sold per seat")]
+    NotPerSeat,
     #[error("the free trial has already been used by this user")]
     FreeTrialUsed,
     #[error("request_id was already used with different fields")]

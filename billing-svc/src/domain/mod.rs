@@ -4,6 +4,7 @@
 //! [`BillingStore`].
 
 pub mod error;
+pub mod licences;
 pub mod model;
 pub mod offers;
 pub mod ports;
@@ -33,6 +34,13 @@ pub enum Check {
     /// May the caller manage every subscription of the directory? (Global or Billing
     /// Administrator.) A caller refused this is still a valid user: an owner at most.
     Manage,
+    /// Is the caller a user of a directory? (Anyone signed in.)
+    Read,
+    /// May the caller assign and remove licences? (Global, User or License Administrator.)
+    ManageLicenses,
+    /// May the caller read every licence assignment of the directory? (Global, User, License
+    /// or Billing Administrator.) A caller refused this reads their own.
+    ReadLicenses,
 }
 
 /// The directory's answer: who the caller is, and whether the check passed.
@@ -42,6 +50,8 @@ pub struct Caller {
     pub directory_id: String,
     pub allowed: bool,
     pub reason: String,
+    /// Whether the user asked about (if any) is an active user of the caller's directory.
+    pub subject_active: bool,
 }
 
 /// The directory service, as billing needs it.
@@ -51,8 +61,10 @@ pub trait Authorizer: Send + Sync + 'static {
     /// [`Error::DeadlineExceeded`] when the caller's deadline runs out first, and with
     /// [`Error::DirectoryUnavailable`] when the directory fails within the time allowed.
     /// The call's deadline, request id and trace travel beside it (the client reads them from
-    /// the call it serves), not through the domain.
-    async fn authorize(&self, token: &str, check: Check) -> Result<Caller>;
+    /// the call it serves), not through the domain. With a `subject` (a user id), the answer
+    /// also tells whether that user is an active user of the caller's directory, in the same
+    /// call.
+    async fn authorize(&self, token: &str, check: Check, subject: Option<&str>) -> Result<Caller>;
 }
 
 /// A validated CreateSubscription request.
@@ -117,6 +129,7 @@ fn store_error(err: StoreError) -> Error {
         StoreError::Unavailable(e) => Error::Unavailable(e),
         StoreError::Internal(e) => Error::Internal(e),
         StoreError::Conflict => Error::Internal(anyhow::anyhow!("unexpected unique conflict")),
+        StoreError::LicensesInUse => Error::LicensesInUse,
     }
 }
 
@@ -142,8 +155,22 @@ impl Service {
     /// Who is calling, as the directory says, and whether `check` passed. The first step of
     /// every authenticated call: a bad token fails here, before the request is even validated.
     pub async fn caller(&self, token: Option<&str>, check: Check) -> Result<Caller> {
+        self.caller_about(token, check, None).await
+    }
+
+    /// As [`Service::caller`], also asking whether `subject` is an active user of the
+    /// caller's directory.
+    pub async fn caller_about(
+        &self,
+        token: Option<&str>,
+        check: Check,
+        subject: Option<uuid::Uuid>,
+    ) -> Result<Caller> {
         let token = token.ok_or(Refusal::MissingToken)?;
-        self.directory.authorize(token, check).await
+        let subject = subject.map(|id| id.to_string());
+        self.directory
+            .authorize(token, check, subject.as_deref())
+            .await
     }
 
     /// The subscription with this id in the caller's directory; any other answers as missing.

@@ -66,27 +66,102 @@ pub struct SubscriptionPage {
     pub next_page_token: String,
 }
 
+/// One user's licence of one offer: a seat of its directory's pool of that offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub user_id: String,
+    pub offer: &'static Offer,
+    pub directory_id: String,
+    /// Microseconds since the Unix epoch.
+    pub assign_time: i64,
+}
+
+impl Assignment {
+    /// The keyset position of this assignment in list order (user, then offer).
+    pub fn list_key(&self) -> (String, String) {
+        (self.user_id.clone(), self.offer.id.to_owned())
+    }
+}
+
+/// The seats of one offer in one directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct License {
+    pub offer: &'static Offer,
+    /// Seats of the directory's active subscriptions of the offer.
+    pub enabled: i64,
+    /// Licences of the offer assigned to active users.
+    pub consumed: i64,
+}
+
+/// One page of assignments.
+#[derive(Debug)]
+pub struct AssignmentPage {
+    pub assignments: Vec<Assignment>,
+    /// Empty on the last page.
+    pub next_page_token: String,
+}
+
+/// What the store did with an assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assigned {
+    /// Assigned now: a seat taken.
+    New(Assignment),
+    /// The user holds it already: as it was.
+    Held(Assignment),
+    /// Every seat of the pool is taken (or the directory has none of the offer).
+    NoSeat,
+    /// Billing has seen the user deleted.
+    UserDeleted,
+}
+
+/// What the store did with a change of seats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeatsChanged {
+    Changed(Subscription),
+    /// It had that many already.
+    Unchanged(Subscription),
+    /// Cancelled.
+    NotActive,
+    /// Not sold per seat (Azure).
+    NotPerSeat,
+    /// The pool would have fewer seats than assigned licences.
+    InUse,
+}
+
 /// What a change recorded in the change feed's outbox is (the values of
 /// `billing.v1.ChangeType`). The store records one in the transaction of each write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
     SubscriptionCreated = 2,
+    SubscriptionUpdated = 3,
     SubscriptionCancelled = 4,
+    LicenseAssigned = 5,
+    LicenseRemoved = 6,
 }
 
 impl ChangeKind {
     pub fn from_value(value: i64) -> Option<Self> {
         Some(match value {
             2 => Self::SubscriptionCreated,
+            3 => Self::SubscriptionUpdated,
             4 => Self::SubscriptionCancelled,
+            5 => Self::LicenseAssigned,
+            6 => Self::LicenseRemoved,
             _ => return None,
         })
     }
 }
 
-/// A committed change as the feed reads it back: the subscription as it is after it.
+/// What a change is about, as it is after the change (a removed licence: as it last was).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    Subscription(Subscription),
+    Assignment(Assignment),
+}
+
+/// A committed change as the feed reads it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangeRecord {
     pub kind: ChangeKind,
-    pub subscription: Subscription,
+    pub resource: Changed,
 }

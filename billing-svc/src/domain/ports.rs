@@ -4,13 +4,16 @@
 
 use async_trait::async_trait;
 
-use super::model::Subscription;
+use super::model::{Assigned, Assignment, License, SeatsChanged, Subscription};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A unique index refused the row (the request_id or the free trial is taken).
     #[error("unique constraint")]
     Conflict,
+    /// A cancellation would leave the pool with fewer seats than assigned licences.
+    #[error("licences in use")]
+    LicensesInUse,
     /// The database cannot be reached right now (retryable).
     #[error("database unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -47,6 +50,45 @@ pub trait BillingStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Subscription>, StoreError>;
 
-    /// Marks the subscription cancelled (if active) and returns it as stored now.
+    /// Marks the subscription cancelled (if active) and returns it as stored now. An Office
+    /// 365 subscription whose seats its pool's assigned licences need stays active:
+    /// [`StoreError::LicensesInUse`].
     async fn cancel(&self, id: &str, now: i64) -> Result<Option<Subscription>, StoreError>;
+
+    /// Sets the seats of an active per-seat subscription, and its pool's with them, unless
+    /// the pool's assigned licences need more. `None`: no such subscription.
+    async fn change_seats(
+        &self,
+        id: &str,
+        seats: i32,
+        now: i64,
+    ) -> Result<Option<SeatsChanged>, StoreError>;
+
+    /// Takes a seat of the pool of `assignment`'s offer and directory for its user, unless
+    /// the user holds one already, the pool has none free, or billing has seen the user
+    /// deleted: all decided in the one transaction that inserts.
+    async fn assign(&self, assignment: &Assignment) -> Result<Assigned, StoreError>;
+
+    /// Frees the seat `user_id` holds of `offer_id` in the directory; `None`: none held.
+    async fn unassign(
+        &self,
+        directory_id: &str,
+        user_id: &str,
+        offer_id: &str,
+        now: i64,
+    ) -> Result<Option<Assignment>, StoreError>;
+
+    /// The directory's pools with seats or assignments, by offer id.
+    async fn licenses(&self, directory_id: &str) -> Result<Vec<License>, StoreError>;
+
+    /// Up to `limit` assignments of the directory (only `user_id`'s, only `offer_id`'s, when
+    /// given), by user then offer, after the `(user_id, offer_id)` position.
+    async fn assignments(
+        &self,
+        directory_id: &str,
+        user_id: Option<&str>,
+        offer_id: Option<&str>,
+        after: Option<(String, String)>,
+        limit: u32,
+    ) -> Result<Vec<Assignment>, StoreError>;
 }

@@ -76,7 +76,10 @@ impl Service {
                 let Some(service) = service.upgrade() else {
                     return;
                 };
-                let answer = service.directory.authorize(&token, Check::Manage).await;
+                let answer = service
+                    .directory
+                    .authorize(&token, Check::Manage, None)
+                    .await;
                 if let Some(err) = verdict(answer) {
                     if let Ok(mut slot) = slot.lock() {
                         *slot = Some(err);

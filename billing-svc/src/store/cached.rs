@@ -6,8 +6,8 @@
 //! Correctness rests on [`storage::cache::OwnedCache`]'s protocol: a cancellation holds the
 //! write guard until it has committed (and, on PostgreSQL, until every other replica's cache
 //! has dropped the subscription), so the next read sees it exactly as it would without the
-//! cache. A new subscription needs no invalidation (absent rows are never cached), and
-//! nothing else changes a stored subscription.
+//! cache. A new subscription needs no invalidation (absent rows are never cached); a change
+//! of seats goes the way of a cancellation, and nothing else changes a stored subscription.
 
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ use storage::cache::{Invalidate, Lease, OwnedCache};
 use storage::database::PeerCaches;
 
 use super::{BillingStore, StoreError};
-use crate::domain::model::Subscription;
+use crate::domain::model::{Assigned, Assignment, License, SeatsChanged, Subscription};
 
 pub struct CachedStore {
     inner: Arc<dyn BillingStore>,
@@ -86,6 +86,55 @@ impl BillingStore for CachedStore {
         let (inner, key) = (self.inner.clone(), id.to_owned());
         self.subscriptions
             .write_through(id, async move { inner.cancel(&key, now).await })
+            .await
+    }
+
+    /// As `cancel`: the only other write that changes a stored subscription.
+    async fn change_seats(
+        &self,
+        id: &str,
+        seats: i32,
+        now: i64,
+    ) -> Result<Option<SeatsChanged>, StoreError> {
+        let (inner, key) = (self.inner.clone(), id.to_owned());
+        self.subscriptions
+            .write_through(
+                id,
+                async move { inner.change_seats(&key, seats, now).await },
+            )
+            .await
+    }
+
+    async fn assign(&self, assignment: &Assignment) -> Result<Assigned, StoreError> {
+        self.inner.assign(assignment).await
+    }
+
+    async fn unassign(
+        &self,
+        directory_id: &str,
+        user_id: &str,
+        offer_id: &str,
+        now: i64,
+    ) -> Result<Option<Assignment>, StoreError> {
+        self.inner
+            .unassign(directory_id, user_id, offer_id, now)
+            .await
+    }
+
+    async fn licenses(&self, directory_id: &str) -> Result<Vec<License>, StoreError> {
+        self.inner.licenses(directory_id).await
+    }
+
+    async fn assignments(
+        &self,
+        directory_id: &str,
+        user_id: Option<&str>,
+        offer_id: Option<&str>,
+        after: Option<(String, String)>,
+        limit: u32,
+    ) -> Result<Vec<Assignment>, StoreError> {
+        self.inner
+            .assignments(directory_id, user_id, offer_id, after, limit)
             .await
     }
 }

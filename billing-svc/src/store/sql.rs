@@ -12,9 +12,13 @@ use storage::feed::Outbox;
 use storage::peers::Peers;
 use tokio::sync::{mpsc, oneshot};
 
+mod licences;
+
 use super::changes;
 use super::{BillingStore, StoreError};
-use crate::domain::model::{ChangeKind, State, Subscription};
+use crate::domain::model::{
+    Assigned, Assignment, ChangeKind, License, SeatsChanged, State, Subscription,
+};
 use crate::domain::offers;
 
 /// Migrations embedded in the binary, run at start.
@@ -235,6 +239,18 @@ impl BillingStore for SqlStore {
         .map(subscription_from_row)
         .transpose()?;
         if let Some(subscription) = &cancelled {
+            if subscription.offer.per_seat
+                && !licences::move_seats(
+                    &mut tx,
+                    &subscription.directory_id,
+                    subscription.offer.id,
+                    -i64::from(subscription.seats),
+                )
+                .await?
+            {
+                tx.rollback().await?;
+                return Err(StoreError::LicensesInUse);
+            }
             if self.peers.is_some() {
                 storage::peers::announce(&mut tx, SUBSCRIPTIONS, id).await?;
             }
@@ -253,6 +269,45 @@ impl BillingStore for SqlStore {
             peers.settle().await;
         }
         self.get(id).await
+    }
+
+    async fn change_seats(
+        &self,
+        id: &str,
+        seats: i32,
+        now: i64,
+    ) -> Result<Option<SeatsChanged>, StoreError> {
+        self.set_seats(id, seats, now).await
+    }
+
+    async fn assign(&self, assignment: &Assignment) -> Result<Assigned, StoreError> {
+        self.assign_seat(assignment).await
+    }
+
+    async fn unassign(
+        &self,
+        directory_id: &str,
+        user_id: &str,
+        offer_id: &str,
+        now: i64,
+    ) -> Result<Option<Assignment>, StoreError> {
+        self.free_seat(directory_id, user_id, offer_id, now).await
+    }
+
+    async fn licenses(&self, directory_id: &str) -> Result<Vec<License>, StoreError> {
+        self.pools(directory_id).await
+    }
+
+    async fn assignments(
+        &self,
+        directory_id: &str,
+        user_id: Option<&str>,
+        offer_id: Option<&str>,
+        after: Option<(String, String)>,
+        limit: u32,
+    ) -> Result<Vec<Assignment>, StoreError> {
+        self.assignment_page(directory_id, user_id, offer_id, after, limit)
+            .await
     }
 }
 
@@ -359,6 +414,23 @@ async fn insert_batch(
             changes::subscription(ChangeKind::SubscriptionCreated, s, s.create_time)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The seats the new subscriptions bring to their pools, one statement per pool, in the
+    // pools' order (see `licences`).
+    let mut seats = std::collections::BTreeMap::<(&str, &str), i64>::new();
+    for (pending, _) in batch.iter().zip(&went_in).filter(|(_, went_in)| **went_in) {
+        let s = &pending.subscription;
+        if s.offer.per_seat {
+            *seats.entry((&s.directory_id, s.offer.id)).or_default() += i64::from(s.seats);
+        }
+    }
+    for ((directory_id, offer_id), seats) in seats {
+        sqlx::query(licences::ADD_POOL_SEATS)
+            .bind(directory_id.to_owned())
+            .bind(offer_id)
+            .bind(seats)
+            .execute(&mut *tx)
+            .await?;
+    }
     outbox.record(&mut tx, &created).await?;
     tx.commit().await?;
     Ok(went_in)

@@ -6,7 +6,8 @@ use contract::fields::{self, Violation, Violations};
 use contract::refusal::Refusal;
 use contract::time::timestamp;
 
-use crate::domain::model::{State, Subscription};
+use crate::domain::licences::{AssignmentQuery, licensable};
+use crate::domain::model::{Assignment, License, State, Subscription};
 use crate::domain::offers::{self, Offer, OwnerType, ProductFamily};
 use crate::domain::{Error, ListQuery, NewSubscription, check_seats};
 
@@ -119,5 +120,98 @@ pub fn subscription(s: Subscription) -> pb::Subscription {
         created_by_user_id: s.created_by_user_id,
         create_time: Some(timestamp(s.create_time)),
         cancel_time: s.cancel_time.map(timestamp),
+    }
+}
+
+/// An offer licences can be assigned of (a per-seat Office 365 offer).
+fn licensable_offer(v: &mut Violations, raw: &str) -> Option<&'static Offer> {
+    if raw.is_empty() {
+        v.push(Violation::new("offer_id", "is required"));
+        return None;
+    }
+    match offers::find(raw) {
+        Some(offer) if licensable(offer) => Some(offer),
+        Some(_) => {
+            v.push(Violation::new(
+                "offer_id",
+                "licences exist only of per-seat Office 365 offers",
+            ));
+            None
+        }
+        None => {
+            v.push(Violation::new(
+                "offer_id",
+                "is not an offer of the catalogue (see ListOffers)",
+            ));
+            None
+        }
+    }
+}
+
+/// The user and offer of AssignLicense and RemoveLicense.
+pub fn license_key(user_id: &str, offer_id: &str) -> Result<(uuid::Uuid, &'static Offer), Error> {
+    let mut v = Violations::new();
+    let user = v.check(fields::id("user_id", user_id));
+    let offer = licensable_offer(&mut v, offer_id);
+    done(v, || Some((user?, offer?)))
+}
+
+pub fn assignment_query(req: pb::ListLicenseAssignmentsRequest) -> Result<AssignmentQuery, Error> {
+    let pb::ListLicenseAssignmentsRequest {
+        page_size,
+        page_token,
+        user_id,
+        offer_id,
+    } = req;
+    let mut v = Violations::new();
+    let page_size = v.check(fields::page_size("page_size", page_size));
+    let user_id = if user_id.is_empty() {
+        Some(None)
+    } else {
+        v.check(fields::id("user_id", &user_id)).map(Some)
+    };
+    let offer = if offer_id.is_empty() {
+        Some(None)
+    } else {
+        licensable_offer(&mut v, &offer_id).map(Some)
+    };
+    done(v, || {
+        Some(AssignmentQuery {
+            page_size: page_size?,
+            page_token,
+            user_id: user_id?,
+            offer: offer?,
+        })
+    })
+}
+
+pub fn change_seats(req: &pb::ChangeSeatsRequest) -> Result<(uuid::Uuid, i32), Error> {
+    let mut v = Violations::new();
+    let id = v.check(fields::id("subscription_id", &req.subscription_id));
+    if !(1..=offers::MAX_SEATS).contains(&req.seats) {
+        v.push(Violation::new(
+            "seats",
+            format!("must be 1 to {}", offers::MAX_SEATS),
+        ));
+    }
+    done(v, || Some((id?, req.seats)))
+}
+
+pub fn assignment(a: Assignment) -> pb::LicenseAssignment {
+    pb::LicenseAssignment {
+        user_id: a.user_id,
+        offer_id: a.offer.id.to_owned(),
+        directory_id: a.directory_id,
+        assign_time: Some(timestamp(a.assign_time)),
+    }
+}
+
+/// A pool's counts, at most `i32::MAX` on the wire.
+pub fn license(l: License) -> pb::License {
+    let units = |n: i64| i32::try_from(n).unwrap_or(i32::MAX);
+    pb::License {
+        offer_id: l.offer.id.to_owned(),
+        enabled_units: units(l.enabled),
+        consumed_units: units(l.consumed),
     }
 }

@@ -55,6 +55,17 @@ impl BillingApi {
     /// Authenticates the call through the directory (forwarding the bearer token, the
     /// caller's deadline and the request id) and learns whether `check` passed.
     async fn caller<T>(&self, request: &Request<T>, check: Check) -> Result<Caller, Status> {
+        self.caller_about(request, check, None).await
+    }
+
+    /// As [`BillingApi::caller`], also asking whether `subject` is an active user of the
+    /// caller's directory (in the same call to the directory).
+    async fn caller_about<T>(
+        &self,
+        request: &Request<T>,
+        check: Check,
+        subject: Option<uuid::Uuid>,
+    ) -> Result<Caller, Status> {
         // The request id and this hop's `traceparent` as the RPC layer left them in the
         // headers (platform::rpc), passed on as they are: a cheap clone, no parse.
         let per_call = |name: &str| {
@@ -69,7 +80,10 @@ impl BillingApi {
             traceparent: per_call(TRACEPARENT_KEY),
         };
         let caller = call
-            .scope(self.service.caller(bearer_token(request), check))
+            .scope(
+                self.service
+                    .caller_about(bearer_token(request), check, subject),
+            )
             .await
             .map_err(to_status)?;
         record_directory(&caller.directory_id);
@@ -157,6 +171,88 @@ impl pb::billing_service_server::BillingService for BillingApi {
             .await
             .map_err(to_status)?;
         Ok(reply(convert::subscription(cancelled)))
+    }
+
+    async fn assign_license(
+        &self,
+        request: Request<pb::AssignLicenseRequest>,
+    ) -> Reply<pb::LicenseAssignment> {
+        let req = request.get_ref();
+        let key = convert::license_key(&req.user_id, &req.offer_id);
+        // A bad token answers before a bad field; the directory is asked about the user in
+        // the same call when the id is one.
+        let subject = key.as_ref().ok().map(|(user, _)| *user);
+        let caller = self
+            .caller_about(&request, Check::ManageLicenses, subject)
+            .await?;
+        let (user, offer) = key.map_err(to_status)?;
+        let assigned = self
+            .service
+            .assign_license(&caller, user, offer)
+            .await
+            .map_err(to_status)?;
+        Ok(reply(convert::assignment(assigned)))
+    }
+
+    async fn remove_license(&self, request: Request<pb::RemoveLicenseRequest>) -> Reply<()> {
+        let caller = self.caller(&request, Check::ManageLicenses).await?;
+        let req = request.into_inner();
+        let (user, offer) = convert::license_key(&req.user_id, &req.offer_id).map_err(to_status)?;
+        self.service
+            .remove_license(&caller, user, offer)
+            .await
+            .map_err(to_status)?;
+        Ok(reply(()))
+    }
+
+    async fn list_licenses(
+        &self,
+        request: Request<pb::ListLicensesRequest>,
+    ) -> Reply<pb::ListLicensesResponse> {
+        let caller = self.caller(&request, Check::Read).await?;
+        let licenses = self
+            .service
+            .list_licenses(&caller)
+            .await
+            .map_err(to_status)?;
+        Ok(reply(pb::ListLicensesResponse {
+            licenses: licenses.into_iter().map(convert::license).collect(),
+        }))
+    }
+
+    async fn list_license_assignments(
+        &self,
+        request: Request<pb::ListLicenseAssignmentsRequest>,
+    ) -> Reply<pb::ListLicenseAssignmentsResponse> {
+        let caller = self.caller(&request, Check::ReadLicenses).await?;
+        let query = convert::assignment_query(request.into_inner()).map_err(to_status)?;
+        let page = self
+            .service
+            .list_assignments(&caller, query)
+            .await
+            .map_err(to_status)?;
+        Ok(reply(pb::ListLicenseAssignmentsResponse {
+            assignments: page
+                .assignments
+                .into_iter()
+                .map(convert::assignment)
+                .collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn change_seats(
+        &self,
+        request: Request<pb::ChangeSeatsRequest>,
+    ) -> Reply<pb::Subscription> {
+        let caller = self.caller(&request, Check::Manage).await?;
+        let (id, seats) = convert::change_seats(request.get_ref()).map_err(to_status)?;
+        let changed = self
+            .service
+            .change_seats(&caller, id, seats)
+            .await
+            .map_err(to_status)?;
+        Ok(reply(convert::subscription(changed)))
     }
 
     type WatchChangesStream = watch::ChangeStream;

@@ -14,6 +14,18 @@ pub fn to_status(err: Error) -> Status {
         Error::Refused(refusal) => platform::rpc::refusal(refusal),
         Error::PermissionDenied(_) => (Code::PermissionDenied, "PERMISSION_DENIED", vec![]),
         Error::NotFound => (Code::NotFound, "SUBSCRIPTION_NOT_FOUND", vec![]),
+        Error::UserNotFound => (Code::NotFound, "USER_NOT_FOUND", vec![]),
+        Error::LicenseNotFound => (Code::NotFound, "LICENSE_NOT_FOUND", vec![]),
+        Error::NoAvailableLicenses => (Code::FailedPrecondition, "NO_AVAILABLE_LICENSES", vec![]),
+        Error::LicensesInUse => (Code::FailedPrecondition, "LICENSES_IN_USE", vec![]),
+        Error::SubscriptionNotActive => {
+            (Code::FailedPrecondition, "SUBSCRIPTION_NOT_ACTIVE", vec![])
+        }
+        Error::NotPerSeat => (
+            Code::FailedPrecondition,
+            "SUBSCRIPTION_NOT_PER_SEAT",
+            vec![],
+        ),
         Error::FreeTrialUsed => (Code::FailedPrecondition, "FREE_TRIAL_ALREADY_USED", vec![]),
         Error::RequestIdReused => (Code::FailedPrecondition, "REQUEST_ID_REUSED", vec![]),
         Error::DirectoryUnavailable => (Code::Unavailable, "DIRECTORY_UNAVAILABLE", vec![]),

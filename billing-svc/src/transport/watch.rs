@@ -12,6 +12,7 @@ use storage::feed::{End, Entry, Event, OpenError, Start};
 use tonic::Status;
 
 use super::{convert, to_status};
+use crate::domain::model::Changed;
 use crate::domain::watch::Watcher;
 use crate::domain::{Error, Service};
 use crate::store::ChangeValue;
@@ -99,9 +100,14 @@ fn change(cursors: &Cursors, entry: &Entry<ChangeValue>) -> pb::Change {
     // A change that did not decode ended the stream before it got here (`Rule::admit`).
     if let Ok(record) = &entry.value {
         change.r#type = record.kind as i32;
-        change.resource = Some(pb::change::Resource::Subscription(convert::subscription(
-            record.subscription.clone(),
-        )));
+        change.resource = Some(match &record.resource {
+            Changed::Subscription(s) => {
+                pb::change::Resource::Subscription(convert::subscription(s.clone()))
+            }
+            Changed::Assignment(a) => {
+                pb::change::Resource::LicenseAssignment(convert::assignment(a.clone()))
+            }
+        });
     }
     change
 }

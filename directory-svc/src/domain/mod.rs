@@ -629,8 +629,24 @@ impl Service {
         Err(actor_unstable())
     }
 
-    /// Whether the caller may do `action`, from their roles as stored now.
-    pub fn authorize(&self, caller: User, action: Action) -> Decision {
+    /// Whether the caller may do `action`, from their roles as stored now; with a `subject`,
+    /// also whether that user is an active user of the caller's directory (read like
+    /// GetUser: the same cache, the same answer for a deleted, foreign or unknown id).
+    pub async fn authorize(
+        &self,
+        caller: User,
+        action: Action,
+        subject: Option<uuid::Uuid>,
+    ) -> Result<Decision> {
+        let subject_active = match subject {
+            Some(id) => self
+                .store
+                .user(&id.to_string())
+                .await
+                .map_err(internal)?
+                .is_some_and(|user| user.directory_id == caller.directory_id),
+            None => false,
+        };
         let needed: &[Role] = match action {
             Action::PurchaseSubscription | Action::ManageSubscriptions => {
                 &[Role::GlobalAdministrator, Role::BillingAdministrator]
@@ -640,6 +656,12 @@ impl Service {
                 Role::GlobalAdministrator,
                 Role::UserAdministrator,
                 Role::LicenseAdministrator,
+            ],
+            Action::ReadLicenses => &[
+                Role::GlobalAdministrator,
+                Role::UserAdministrator,
+                Role::LicenseAdministrator,
+                Role::BillingAdministrator,
             ],
             Action::ReadSubscriptions => &[],
         };
@@ -659,11 +681,12 @@ impl Service {
                 ),
             ),
         };
-        Decision {
+        Ok(Decision {
             allowed,
             user: caller,
             reason,
-        }
+            subject_active,
+        })
     }
 }
 

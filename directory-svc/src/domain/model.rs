@@ -129,4 +129,7 @@ pub struct Decision {
     pub allowed: bool,
     pub user: User,
     pub reason: String,
+    /// Whether the user asked about is an active user of the caller's directory (false when
+    /// none was asked about).
+    pub subject_active: bool,
 }

@@ -271,6 +271,7 @@ pub enum Action {
     ReadSubscriptions,
     ManageUsers,
     ManageLicenses,
+    ReadLicenses,
 }
 
 /// How a user is looked up by GetUser.

@@ -240,8 +240,12 @@ pub fn purge_user(req: pb::PurgeUserRequest) -> Result<uuid::Uuid, Error> {
     done(v, || id)
 }
 
-pub fn authorize(req: pb::AuthorizeRequest) -> Result<Action, Error> {
-    let pb::AuthorizeRequest { action } = req;
+/// The action asked about, and the user it is asked for (if any).
+pub fn authorize(req: pb::AuthorizeRequest) -> Result<(Action, Option<uuid::Uuid>), Error> {
+    let pb::AuthorizeRequest {
+        action,
+        subject_user_id,
+    } = req;
     let mut v = Violations::new();
     let action = match pb::Action::try_from(action) {
         Ok(pb::Action::PurchaseSubscription) => Some(Action::PurchaseSubscription),
@@ -249,6 +253,7 @@ pub fn authorize(req: pb::AuthorizeRequest) -> Result<Action, Error> {
         Ok(pb::Action::ReadSubscriptions) => Some(Action::ReadSubscriptions),
         Ok(pb::Action::ManageUsers) => Some(Action::ManageUsers),
         Ok(pb::Action::ManageLicenses) => Some(Action::ManageLicenses),
+        Ok(pb::Action::ReadLicenses) => Some(Action::ReadLicenses),
         Ok(pb::Action::Unspecified) => {
             v.push(Violation::new("action", "must be set to an action"));
             None
@@ -258,7 +263,13 @@ pub fn authorize(req: pb::AuthorizeRequest) -> Result<Action, Error> {
             None
         }
     };
-    done(v, || action)
+    let subject = if subject_user_id.is_empty() {
+        Some(None)
+    } else {
+        v.check(fields::id("subject_user_id", &subject_user_id))
+            .map(Some)
+    };
+    done(v, || Some((action?, subject?)))
 }
 
 pub fn user(user: User) -> pb::User {
@@ -298,5 +309,6 @@ pub fn decision(decision: Decision) -> pb::AuthorizeResponse {
         user_id: decision.user.id,
         directory_id: decision.user.directory_id,
         reason: decision.reason,
+        subject_active: decision.subject_active,
     }
 }

@@ -210,8 +210,12 @@ impl pb::directory_service_server::DirectoryService for DirectoryApi {
         request: Request<pb::AuthorizeRequest>,
     ) -> Reply<pb::AuthorizeResponse> {
         let caller = self.caller(&request).await?;
-        let action = convert::authorize(request.into_inner()).map_err(to_status)?;
-        let decision = self.service.authorize(caller, action);
+        let (action, subject) = convert::authorize(request.into_inner()).map_err(to_status)?;
+        let decision = self
+            .service
+            .authorize(caller, action, subject)
+            .await
+            .map_err(to_status)?;
         Ok(reply(convert::decision(decision)))
     }
 

@@ -484,6 +484,7 @@ impl Workload {
                 .directory
                 .authorize(self.request(dpb::AuthorizeRequest {
                     action: dpb::Action::PurchaseSubscription as i32,
+                    ..Default::default()
                 }))
                 .await
                 .map(drop),

@@ -1,0 +1,69 @@
+-- Licences (contract part two, section 3): the seats of an Office 365 offer in one directory
+-- form one pool; assigning a licence to a user takes a seat of it.
+
+-- One row per directory and offer, created by the directory's first purchase of the offer.
+-- `enabled`: the seats of its active subscriptions; `consumed`: its assignments. The CHECK is
+-- the invariant itself, held by the database whatever the writer: no statement can leave a
+-- pool with more licences assigned than seats.
+CREATE TABLE license_pools (
+    directory_id TEXT   NOT NULL,
+    offer_id     TEXT   NOT NULL,
+    enabled      BIGINT NOT NULL,
+    consumed     BIGINT NOT NULL,
+    PRIMARY KEY (directory_id, offer_id),
+    CHECK (consumed >= 0 AND consumed <= enabled)
+);
+
+-- The pools of the subscriptions bought before licences existed (only per-seat offers, all of
+-- Office 365, have seats).
+INSERT INTO license_pools (directory_id, offer_id, enabled, consumed)
+SELECT directory_id, offer_id, SUM(seats), 0 FROM subscriptions
+WHERE state = 1 AND seats > 0
+GROUP BY directory_id, offer_id;
+
+-- The key is ListLicenseAssignments' order within a directory (user, then offer).
+CREATE TABLE license_assignments (
+    directory_id TEXT   NOT NULL,
+    user_id      TEXT   NOT NULL,
+    offer_id     TEXT   NOT NULL,
+    -- microseconds since the epoch
+    assign_time  BIGINT NOT NULL,
+    PRIMARY KEY (directory_id, user_id, offer_id)
+);
+
+-- ListLicenseAssignments filtered by offer.
+CREATE INDEX license_assignments_by_offer ON license_assignments (directory_id, offer_id, user_id);
+
+-- The assignments of users billing has seen deleted: neither counted nor listed, until the
+-- user is restored (each given back while its pool has a free seat) or purged.
+CREATE TABLE licenses_set_aside (
+    directory_id TEXT   NOT NULL,
+    user_id      TEXT   NOT NULL,
+    offer_id     TEXT   NOT NULL,
+    assign_time  BIGINT NOT NULL,
+    PRIMARY KEY (user_id, offer_id)
+);
+
+-- Users that have held a licence or that billing has seen deleted. An assignment locks its
+-- user's row and refuses a deleted user, in the transaction that inserts; the directory
+-- feed's follower locks it to set a deleted user's licences aside. So the two serialise, and
+-- an assignment racing a deletion cannot outlive it.
+CREATE TABLE license_users (
+    user_id      TEXT   PRIMARY KEY,
+    directory_id TEXT   NOT NULL,
+    -- 1 once billing has seen the user deleted (or purged); 0 while active
+    deleted      BIGINT NOT NULL
+);
+
+-- Where billing is in the directory's change feed, and which replica follows it. The cursor
+-- moves in the transaction of each change's effects, compared with the one it moves from, so
+-- an effect is applied exactly once, whoever holds the lease.
+CREATE TABLE directory_follower (
+    id          BIGINT PRIMARY KEY,
+    -- the directory's cursor of the last change applied ('': start at the oldest kept)
+    cursor      TEXT   NOT NULL,
+    -- the replica that follows now, and until when (microseconds, by the database's clock)
+    holder      TEXT,
+    lease_until BIGINT NOT NULL
+);
+INSERT INTO directory_follower (id, cursor, holder, lease_until) VALUES (1, '', NULL, 0);
