@@ -55,15 +55,20 @@ CREATE TABLE license_users (
     deleted      BIGINT NOT NULL
 );
 
--- Where billing is in the directory's change feed, and which replica follows it. The cursor
--- moves in the transaction of each change's effects, compared with the one it moves from, so
--- an effect is applied exactly once, whoever holds the lease.
+-- Where billing is in the directory's change feed: the cursor moves in the transaction of
+-- each change's effects, compared with the one it moves from, so an effect is applied exactly
+-- once, however many replicas try.
 CREATE TABLE directory_follower (
-    id          BIGINT PRIMARY KEY,
+    id     BIGINT PRIMARY KEY,
     -- the directory's cursor of the last change applied ('': start at the oldest kept)
-    cursor      TEXT   NOT NULL,
-    -- the replica that follows now, and until when (microseconds, by the database's clock)
-    holder      TEXT,
-    lease_until BIGINT NOT NULL
+    last_cursor TEXT NOT NULL
 );
-INSERT INTO directory_follower (id, cursor, holder, lease_until) VALUES (1, '', NULL, 0);
+INSERT INTO directory_follower (id, last_cursor) VALUES (1, '');
+
+-- Named leases (storage::lease): which replica follows the directory's feed.
+CREATE TABLE leases (
+    name   TEXT   PRIMARY KEY,
+    holder TEXT   NOT NULL,
+    -- microseconds since the epoch, by the database's clock
+    expires_at BIGINT NOT NULL
+);

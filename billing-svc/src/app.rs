@@ -1,6 +1,7 @@
 //! Starting the server: bind first (so tests can use port 0 and read the port), prepare the
 //! directory client (connected lazily), open the database (claiming the SQLite file) and run
-//! migrations, put the cache in front of the store where one may stand, and make the routes;
+//! migrations, put the cache in front of the store where one may stand, make the routes, and
+//! start the follower of the directory's changes beside them;
 //! `platform::launch::Ready` serves them until a shutdown signal, draining in-flight calls.
 
 use std::sync::Arc;
@@ -15,8 +16,9 @@ use storage::feed::Feed;
 use tonic::service::Routes;
 
 use crate::config::Config;
-use crate::directory::GrpcDirectory;
+use crate::directory::{GrpcDirectory, GrpcDirectoryFeed};
 use crate::domain::Service;
+use crate::domain::follow::Follower;
 use crate::store::{BillingStore, CachedStore, SqlStore};
 use crate::transport::BillingApi;
 
@@ -60,6 +62,15 @@ impl platform::launch::Server for Application {
         if let Some(peers) = &database.peers {
             store = store.with_peers(peers.clone());
         }
+        let follower = Follower::new(
+            Arc::new(store.clone()),
+            Arc::new(GrpcDirectoryFeed::new(
+                directory.clone(),
+                config.directory_service_token_file.clone(),
+            )),
+            config.clock.clone(),
+            config.follow,
+        );
         let store: Arc<dyn BillingStore> = Arc::new(store);
         let store = database.cache_in_front(store, config.cache_entries, CachedStore::in_front);
         let service = Service::new(
@@ -94,7 +105,14 @@ impl platform::launch::Server for Application {
             feed.close();
             database.close().await;
         })?;
-        // Open change streams end with UNAVAILABLE at once, rather than hold the drain up.
-        Ok(ready.on_stopping(move || streams.close()))
+        // Open change streams end with UNAVAILABLE at once, rather than hold the drain up; the
+        // follower stops and hands its lease over.
+        let (stop_following, stopped) = tokio::sync::watch::channel(false);
+        Ok(ready
+            .on_stopping(move || {
+                streams.close();
+                let _ = stop_following.send(true);
+            })
+            .with_background(follower.run(stopped)))
     }
 }

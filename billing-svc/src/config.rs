@@ -11,6 +11,7 @@ use platform::tls::ClientTls;
 use storage::db::{DatabaseFlags, Engine, PoolSettings};
 use storage::feed::{FeedFlags, FeedSettings};
 
+use crate::domain::follow::FollowSettings;
 use crate::transport::ERROR_DOMAIN;
 
 /// billing-svc: the offer catalogue and subscriptions, authorised by directory-svc over gRPC.
@@ -49,6 +50,13 @@ pub struct Cli {
     #[arg(long)]
     pub directory_client_key: Option<PathBuf>,
 
+    /// The directory's service token (the file directory-svc creates with
+    /// --service-token-file): billing follows the directory's changes with it, to free the
+    /// licences of deleted users. While it is absent billing serves anyway and looks again
+    /// every second.
+    #[arg(long, default_value = "data/service-token")]
+    pub directory_service_token_file: PathBuf,
+
     #[command(flatten)]
     pub feed: FeedFlags,
 }
@@ -84,6 +92,10 @@ pub struct Config {
     /// How often changes past the retention are removed (real time; which are due is read
     /// from `clock`).
     pub remove_every: Duration,
+    /// The directory's service token, for following its changes.
+    pub directory_service_token_file: PathBuf,
+    /// The directory follower's lease and pace.
+    pub follow: FollowSettings,
 }
 
 impl Config {
@@ -107,6 +119,8 @@ impl Config {
             feed: FeedSettings::default(),
             watch_recheck: WATCH_RECHECK,
             remove_every: REMOVE_EVERY,
+            directory_service_token_file: PathBuf::from("data/service-token"),
+            follow: FollowSettings::default(),
         }
     }
 }
@@ -176,6 +190,8 @@ impl TryFrom<&Cli> for Config {
             feed: cli.feed.settings()?,
             watch_recheck: WATCH_RECHECK,
             remove_every: REMOVE_EVERY,
+            directory_service_token_file: cli.directory_service_token_file.clone(),
+            follow: FollowSettings::default(),
         })
     }
 }

@@ -58,6 +58,7 @@ pub struct Ready {
     options: ServeOptions,
     close: Pin<Box<dyn Future<Output = ()> + Send>>,
     stopping: Option<Box<dyn FnOnce() + Send>>,
+    background: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl std::fmt::Debug for Ready {
@@ -85,6 +86,7 @@ impl Ready {
             options,
             close: Box::pin(close),
             stopping: None,
+            background: None,
         })
     }
 
@@ -93,6 +95,17 @@ impl Ready {
     pub fn on_stopping(self, stopping: impl FnOnce() + Send + 'static) -> Self {
         Self {
             stopping: Some(Box::new(stopping)),
+            ..self
+        }
+    }
+
+    /// `work` runs beside the server, polled by the same task (so it ends with the server,
+    /// also when the server is dropped rather than stopped): a job that must stop when its
+    /// `stopping` signal comes, since serving ends only once it has returned, and before
+    /// `close`.
+    pub fn with_background(self, work: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self {
+            background: Some(Box::pin(work)),
             ..self
         }
     }
@@ -111,7 +124,11 @@ impl Ready {
                 stopping();
             }
         };
-        let served = crate::rpc::serve(self.listener, self.routes, self.options, shutdown).await;
+        let serve = crate::rpc::serve(self.listener, self.routes, self.options, shutdown);
+        let served = match self.background {
+            Some(background) => tokio::join!(serve, background).0,
+            None => serve.await,
+        };
         self.close.await;
         served
     }

@@ -291,7 +291,7 @@ impl Drop for Running {
 }
 
 /// A running directory-svc.
-pub struct DirectoryServer(Running);
+pub struct DirectoryServer(Running, PathBuf);
 
 impl std::ops::Deref for DirectoryServer {
     type Target = Running;
@@ -326,14 +326,21 @@ impl DirectoryServer {
     }
 
     pub async fn start_with(config: directory_svc::Config) -> Self {
+        let token_file = config.service_token_file.clone();
         let app = directory_svc::Application::build(config)
             .await
             .expect("directory-svc starts");
-        Self(Running::spawn(app.local_addr(), |stopped| {
+        let running = Running::spawn(app.local_addr(), |stopped| {
             app.run_until(async {
                 let _ = stopped.await;
             })
-        }))
+        });
+        Self(running, token_file)
+    }
+
+    /// The service token file it created (or found): billing-svc follows its changes with it.
+    pub fn service_token_file(&self) -> PathBuf {
+        self.1.clone()
     }
 
     pub async fn client(&self) -> DirectoryServiceClient<Channel> {
@@ -476,16 +483,27 @@ impl std::ops::Deref for BillingServer {
     }
 }
 
-/// Test settings for billing-svc talking to `directory_url`.
+/// Test settings for billing-svc talking to `directory_url`. It follows no directory's
+/// changes (its service token file is one nobody creates) unless the test says whose:
+/// [`BillingServer::start`] follows its directory's.
 pub fn billing_config(db: &TestDb, directory_url: &str) -> billing_svc::Config {
     let mut config = billing_svc::Config::new("127.0.0.1:0", db.url.clone(), directory_url);
     config.serve.drain = Duration::from_secs(5);
+    config.directory_service_token_file = db.dir.join("no-service-token");
+    config
+}
+
+/// [`billing_config`] following `directory`'s changes.
+pub fn billing_config_following(db: &TestDb, directory: &DirectoryServer) -> billing_svc::Config {
+    let mut config = billing_config(db, &directory.url());
+    config.directory_service_token_file = directory.service_token_file();
     config
 }
 
 impl BillingServer {
+    /// billing-svc on `db`, authorised by `directory` and following its changes.
     pub async fn start(db: &TestDb, directory: &DirectoryServer) -> Self {
-        Self::start_with(billing_config(db, &directory.url())).await
+        Self::start_with(billing_config_following(db, directory)).await
     }
 
     pub async fn start_with(config: billing_svc::Config) -> Self {

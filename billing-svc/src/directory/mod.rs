@@ -9,6 +9,8 @@
 //! to it. A replica that fails is marked down for a moment, so calls go to the others at once
 //! instead of waiting on it.
 
+mod feed;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -24,6 +26,8 @@ use tonic::transport::Channel;
 use platform::rpc::{REQUEST_ID_KEY, TRACEPARENT_KEY};
 
 use crate::domain::{Authorizer, Caller, Check, Error, Result};
+
+pub use feed::GrpcDirectoryFeed;
 
 /// Time kept back from the caller's deadline so that our answer, when the directory fails,
 /// reaches the caller before its deadline: a twentieth of what is left, at most 20 ms. A

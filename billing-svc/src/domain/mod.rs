@@ -4,6 +4,7 @@
 //! [`BillingStore`].
 
 pub mod error;
+pub mod follow;
 pub mod licences;
 pub mod model;
 pub mod offers;

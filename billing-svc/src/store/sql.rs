@@ -9,9 +9,11 @@ use sqlx::{Any, AnyPool, AssertSqlSafe, Row as _};
 use storage::batch::PointReads;
 use storage::db::{Engine, HeldConnection, WriteGate};
 use storage::feed::Outbox;
+use storage::lease::Lease;
 use storage::peers::Peers;
 use tokio::sync::{mpsc, oneshot};
 
+mod follow;
 mod licences;
 
 use super::changes;
@@ -36,6 +38,8 @@ pub struct SqlStore {
     peers: Option<Arc<Peers>>,
     /// The change feed's outbox every write records its changes in.
     outbox: Outbox,
+    /// Which replica follows the directory's change feed.
+    lease: Lease,
 }
 
 /// The kind of row the caches of subscriptions are invalidated by.
@@ -97,6 +101,7 @@ impl SqlStore {
             |row| subscription_from_row(row).map(|s| (s.id.clone(), s)),
         );
         Ok(Self {
+            lease: Lease::new(pool.clone(), engine, "directory-follower"),
             pool,
             writers,
             purchases,

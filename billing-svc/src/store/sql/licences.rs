@@ -19,18 +19,18 @@ use crate::domain::offers;
 use crate::store::StoreError;
 
 /// Marks the user as one billing has seen alive, and locks its row: `false` when billing
-/// has seen it deleted (see `follow`). An assignment racing the user's deletion waits here
+/// has seen it deleted (see `domain::follow`). An assignment racing the user's deletion waits here
 /// for it (or it for the assignment), so the two never overlap.
 const LOCK_LIVE_USER: &str = "INSERT INTO license_users (user_id, directory_id, deleted) \
      VALUES ($1, $2, 0) ON CONFLICT (user_id) DO UPDATE SET deleted = 0 \
      WHERE license_users.deleted = 0";
 
 /// Takes a seat, if one is free.
-const TAKE_SEAT: &str = "UPDATE license_pools SET consumed = consumed + 1 \
+pub(super) const TAKE_SEAT: &str = "UPDATE license_pools SET consumed = consumed + 1 \
      WHERE directory_id = $1 AND offer_id = $2 AND consumed < enabled";
 
 /// Gives a seat back.
-const FREE_SEAT: &str = "UPDATE license_pools SET consumed = consumed - 1 \
+pub(super) const FREE_SEAT: &str = "UPDATE license_pools SET consumed = consumed - 1 \
      WHERE directory_id = $1 AND offer_id = $2";
 
 /// Adds `$3` seats (negative: removes them), unless the assigned licences need them.
