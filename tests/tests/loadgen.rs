@@ -71,6 +71,7 @@ async fn every_scenario_runs_against_real_servers() {
         "get-subscription",
         "list-subscriptions",
         "sign-in",
+        "assign-license",
     ] {
         let report = loadgen(&[
             "--scenario",
@@ -112,7 +113,7 @@ async fn every_scenario_runs_against_real_servers() {
             0 < min && min <= p50 && p50 <= p99 && p99 <= max,
             "{scenario}: {report}"
         );
-        let expected = if scenario.contains("subscription") {
+        let expected = if scenario.contains("subscription") || scenario.contains("license") {
             &bill_addr
         } else {
             &dir_addr

@@ -99,6 +99,9 @@ async fn the_readme_walkthrough_works_as_written() {
         "\"seats\": 25",
         "ROLE_BILLING_ADMINISTRATOR",
         "\"offerId\": \"office365-e3\"",
+        // Jane's licence, and the pools every user sees.
+        "\"offerId\": \"office365-e3\",\n      \"enabledUnits\": 10,\n      \"consumedUnits\": 1",
+        "\"assignTime\"",
         // The delete-and-restore step: listed in the bin with its purge time, then back.
         "\"purgeTime\"",
         "\"userPrincipalName\": \"jane@contoso.onmicrosoft.com\"",

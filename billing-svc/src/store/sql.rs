@@ -667,6 +667,68 @@ mod tests {
         (pool, dir)
     }
 
+    /// The follower's cursor moves once: a stale follower replaying a deletion after the
+    /// restore that followed it (a lease that ran out while it worked) changes nothing, where
+    /// applying it would take the restored user's licence away again.
+    #[tokio::test]
+    async fn a_cursor_moves_once() {
+        use crate::domain::follow::{FollowerStore as _, UserChange, UserRef};
+        let (pool, dir) = sqlite_pool("follow").await;
+        let store = SqlStore::new(pool.clone(), Engine::Sqlite)
+            .await
+            .expect("migrates");
+        for sql in [
+            "INSERT INTO license_pools (directory_id, offer_id, enabled, consumed) \
+             VALUES ('d', 'office365-e3', 1, 1)",
+            "INSERT INTO license_assignments (directory_id, user_id, offer_id, assign_time) \
+             VALUES ('d', 'u', 'office365-e3', 1)",
+        ] {
+            sqlx::query(sql).execute(&pool).await.expect("inserts");
+        }
+        let jane = UserRef {
+            user_id: "u".into(),
+            directory_id: "d".into(),
+        };
+        let deleted = UserChange::Deleted(jane.clone());
+        let restored = UserChange::Restored(jane);
+        assert!(
+            store
+                .advance("", "c1", Some(&deleted), 2)
+                .await
+                .expect("delete")
+        );
+        assert!(
+            store
+                .advance("c1", "c2", Some(&restored), 3)
+                .await
+                .expect("restore")
+        );
+        assert!(
+            !store
+                .advance("", "c1", Some(&deleted), 4)
+                .await
+                .expect("stale"),
+            "a stale follower must not move the cursor"
+        );
+        assert_eq!(store.position().await.expect("position"), "c2");
+        let (assigned, consumed): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM license_assignments), \
+             (SELECT consumed FROM license_pools)",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("counts");
+        assert_eq!((assigned, consumed), (1, 1), "the restored licence stays");
+        let removals: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM changes WHERE kind = 6")
+            .fetch_one(&pool)
+            .await
+            .expect("counts");
+        assert_eq!(removals, 1);
+        drop(store);
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// A user's own list reads the owner index (not every subscription of the directory), and
     /// an administrator's the directory index.
     #[tokio::test]

@@ -110,7 +110,8 @@ struct RunArgs {
     /// Print one JSON object instead of the table (setup messages are not printed).
     #[arg(long)]
     json: bool,
-    /// Setup: users to create besides the admin (get-user, list-users, sign-in).
+    /// Setup: users to create besides the admin (get-user, list-users, sign-in,
+    /// assign-license); with --user, how many of the directory's users assign-license licenses.
     #[arg(long, default_value_t = 10)]
     users: usize,
     /// Setup: subscriptions to create for get-subscription and list-subscriptions.

@@ -329,6 +329,17 @@ pub async fn load(args: FixtureArgs) -> anyhow::Result<()> {
             .buffer_unordered(billing.jobs)
             .try_collect::<Vec<()>>()
             .await?;
+        // The licence pools the purchases made: the seats of each directory's active
+        // subscriptions of each per-seat offer, as billing-svc counts them.
+        sqlx::query(
+            "INSERT INTO license_pools (directory_id, offer_id, enabled, consumed) \
+             SELECT directory_id, offer_id, CAST(SUM(seats) AS BIGINT), 0 FROM subscriptions \
+             WHERE state = 1 AND seats > 0 GROUP BY directory_id, offer_id \
+             ON CONFLICT (directory_id, offer_id) DO UPDATE SET enabled = excluded.enabled",
+        )
+        .execute(&billing.pool)
+        .await
+        .context("cannot count the licence pools")?;
     }
     let subscriptions_secs = phase.elapsed().as_secs_f64();
 

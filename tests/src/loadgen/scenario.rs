@@ -47,7 +47,20 @@ pub enum Scenario {
     ListSubscriptions,
     /// directory SignIn, round-robin over the setup's users (argon2-bound).
     SignIn,
+    /// billing AssignLicense (which asks the directory whether the user is active, in the
+    /// same Authorize call): the setup's users in turn, each of the four Office 365 offers in
+    /// turn, on pools of 1,000,000 seats bought by the setup, so each of the first
+    /// 4 x --users calls assigns a new licence (later ones find it held).
+    AssignLicense,
 }
+
+/// The offers assign-license hands out, in turn.
+const LICENSED_OFFERS: [&str; 4] = [
+    "office365-e3",
+    "office365-business-basic",
+    "office365-business-standard",
+    "office365-business-premium",
+];
 
 /// Which service a scenario puts load on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +74,8 @@ impl Scenario {
         match self {
             Scenario::CreateSubscription
             | Scenario::GetSubscription
-            | Scenario::ListSubscriptions => Service::Billing,
+            | Scenario::ListSubscriptions
+            | Scenario::AssignLicense => Service::Billing,
             Scenario::Health
             | Scenario::Authorize
             | Scenario::GetUser
@@ -82,6 +96,7 @@ impl Scenario {
             Scenario::GetSubscription => "get-subscription",
             Scenario::ListSubscriptions => "list-subscriptions",
             Scenario::SignIn => "sign-in",
+            Scenario::AssignLicense => "assign-license",
         }
     }
 
@@ -89,7 +104,7 @@ impl Scenario {
     fn needs_users(self) -> bool {
         matches!(
             self,
-            Scenario::GetUser | Scenario::ListUsers | Scenario::SignIn
+            Scenario::GetUser | Scenario::ListUsers | Scenario::SignIn | Scenario::AssignLicense
         )
     }
 
@@ -292,19 +307,12 @@ pub async fn prepare(scenario: Scenario, options: &SetupOptions) -> anyhow::Resu
             let token = sign_in(&mut directory, upn, &options.password).await?;
             workload.upns.push(upn.clone());
             if scenario == Scenario::GetUser {
-                let page = setup_call(
-                    "ListUsers",
-                    directory.list_users(authed(
-                        dpb::ListUsersRequest {
-                            page_size: 100,
-                            page_token: String::new(),
-                            role: 0,
-                        },
-                        &token,
-                    )),
-                )
-                .await?;
-                workload.user_ids = page.users.into_iter().map(|u| u.id).collect();
+                workload.user_ids = list_user_ids(&mut directory, &token, 100).await?;
+            }
+            if scenario == Scenario::AssignLicense {
+                say(format!("listing up to {} users", options.users.max(1)));
+                workload.user_ids =
+                    list_user_ids(&mut directory, &token, options.users.max(1)).await?;
             }
             workload.setup = serde_json::json!({ "user": upn });
             token
@@ -411,8 +419,61 @@ pub async fn prepare(scenario: Scenario, options: &SetupOptions) -> anyhow::Resu
             );
         }
     }
+    if scenario == Scenario::AssignLicense {
+        let mut billing = BillingServiceClient::new(connect(&options.billing_url).await?);
+        say("buying 1,000,000 seats of each Office 365 offer".to_owned());
+        for offer in LICENSED_OFFERS {
+            setup_call(
+                "CreateSubscription",
+                billing.create_subscription(authed(
+                    bpb::CreateSubscriptionRequest {
+                        offer_id: offer.to_owned(),
+                        display_name: format!("loadgen licences of {offer}"),
+                        seats: 1_000_000,
+                        request_id: uuid::Uuid::new_v4().to_string(),
+                    },
+                    &token,
+                )),
+            )
+            .await?;
+        }
+        if let Some(setup) = workload.setup.as_object_mut() {
+            setup.insert("licensed_users".to_owned(), workload.user_ids.len().into());
+        }
+    }
     workload.bearer = Some(token);
     Ok(workload)
+}
+
+/// The ids of up to `wanted` users of the caller's directory, in ListUsers' order.
+async fn list_user_ids(
+    directory: &mut DirectoryServiceClient<Channel>,
+    token: &AsciiMetadataValue,
+    wanted: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    let mut page_token = String::new();
+    while ids.len() < wanted {
+        let page = setup_call(
+            "ListUsers",
+            directory.list_users(authed(
+                dpb::ListUsersRequest {
+                    page_size: 1000,
+                    page_token,
+                    role: 0,
+                },
+                token,
+            )),
+        )
+        .await?;
+        ids.extend(page.users.into_iter().map(|u| u.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    ids.truncate(wanted);
+    Ok(ids)
 }
 
 /// The `seq`-th item, round-robin.
@@ -538,6 +599,18 @@ impl Workload {
                 }))
                 .await
                 .map(drop),
+            Scenario::AssignLicense => {
+                let user_id = pick(&self.user_ids, seq)?;
+                let round = seq / u64::try_from(self.user_ids.len()).unwrap_or(1).max(1);
+                let offer = LICENSED_OFFERS[usize::try_from(round % 4).unwrap_or_default()];
+                conn.billing
+                    .assign_license(self.request(bpb::AssignLicenseRequest {
+                        user_id,
+                        offer_id: offer.to_owned(),
+                    }))
+                    .await
+                    .map(drop)
+            }
             Scenario::SignIn => {
                 let upn = pick(&self.upns, seq)?;
                 let mut request = Request::new(dpb::SignInRequest {
