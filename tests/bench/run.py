@@ -87,9 +87,10 @@ LIMITS_OFF = ["--signin-failures-per-upn-per-minute", "0", "--signin-per-peer-pe
 
 
 @contextlib.contextmanager
-def service_pair(backend, prefix, dport, bport):
+def service_pair(backend, prefix, dport, bport, fixtures=None):
     """Both services on fresh databases (abuse limits off), stopped and dropped on exit.
-    Yields (directory, billing) processes."""
+    With `fixtures` (arguments of `loadgen fixtures`), the directory's database is loaded
+    with them first. Yields (directory, billing) processes."""
     tmp = tempfile.mkdtemp(prefix=f"{prefix}-")
     if backend == "sqlite":
         ddb, bdb, names = f"sqlite://{tmp}/directory.db", f"sqlite://{tmp}/billing.db", ()
@@ -98,6 +99,12 @@ def service_pair(backend, prefix, dport, bport):
         names = (f"{prefix}_dir_{suffix}", f"{prefix}_bill_{suffix}")
         ddb, bdb = pg_db(names[0]), pg_db(names[1])
     log = open(os.path.join(tmp, "services.log"), "w")
+    if fixtures:
+        load = subprocess.run([os.path.join(REL, "loadgen"), "fixtures", "--directory-db", ddb]
+                              + fixtures, capture_output=True, text=True)
+        if load.returncode != 0:
+            raise SystemExit(f"fixtures failed:\n{load.stderr}")
+        subprocess.run(["sync"], check=True)
     directory = start("directory-svc", ["--listen", f"127.0.0.1:{dport}", "--database-url", ddb] + LIMITS_OFF, log)
     billing = None
     try:
@@ -127,6 +134,12 @@ def run_backend(backend, opts):
         ddb, bdb = pg_db(names[0]), pg_db(names[1])
     dport, bport = 51051, 51052
     log = open(os.path.join(tmp, "services.log"), "w")
+    if fixtures:
+        load = subprocess.run([os.path.join(REL, "loadgen"), "fixtures", "--directory-db", ddb]
+                              + fixtures, capture_output=True, text=True)
+        if load.returncode != 0:
+            raise SystemExit(f"fixtures failed:\n{load.stderr}")
+        subprocess.run(["sync"], check=True)
     directory = start("directory-svc", ["--listen", f"127.0.0.1:{dport}", "--database-url", ddb,
                                         "--db-max-connections", str(opts.pool)] + LIMITS_OFF, log)
     billing = None

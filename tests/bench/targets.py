@@ -9,24 +9,41 @@ of the CPU the hypervisor stole during each run (`steal`; see run.py).
 
   cargo build --release --bin directory-svc --bin billing-svc --bin loadgen
   python3 tests/bench/targets.py [--pairs 3] [--duration 5] [--backends sqlite,postgres]
-      [--scenarios authorize,get-subscription,create-subscription]
+      [--scenarios authorize,get-subscription,create-subscription,assign-license]
+
+assign-license runs against fixture directories of USERS users each (one directory per run,
+so every call of a run assigns a licence nobody holds yet; see `loadgen --help`).
 """
-import argparse, os, statistics, sys
+import argparse, os, statistics, sys, uuid
 
 sys.path.insert(0, os.path.dirname(__file__))
 import run  # noqa: E402  (the matrix script: starting services, loadgen, PostgreSQL helpers)
 
-TARGETS = {"authorize": 0.60, "get-subscription": 0.35, "create-subscription": 0.15}
+TARGETS = {"authorize": 0.60, "get-subscription": 0.35, "create-subscription": 0.15,
+           "assign-license": 0.15}
+USERS = 20000
+PASSWORD = "Fixture-Pass-1"
 
 
 def measure(backend, opts):
     dport, bport = 51061, 51062
     rows = []
-    with run.service_pair(backend, "targets", dport, bport):
+    prefix = "tg" + uuid.uuid4().hex[:6]
+    fixtures = None
+    if "assign-license" in opts.scenarios.split(","):
+        fixtures = ["--directories", str(opts.pairs), "--users-per-directory", str(USERS),
+                    "--prefix", prefix, "--password", PASSWORD]
+    runs = {"assign-license": 0}
+    with run.service_pair(backend, "targets", dport, bport, fixtures):
         def rate(scenario):
+            extra = []
+            if scenario == "assign-license":
+                extra = ["--user", f"admin@{prefix}{runs[scenario]}.onmicrosoft.com",
+                         "--password", PASSWORD, "--users", str(USERS)]
+                runs[scenario] += 1
             r = run.loadgen(["--scenario", scenario, "--directory", f"127.0.0.1:{dport}",
                              "--billing", f"127.0.0.1:{bport}", "-c", "64", "--connections", "4",
-                             "--duration", str(opts.duration), "--warmup", "1"])
+                             "--duration", str(opts.duration), "--warmup", "1"] + extra)
             if r["errors"]:
                 raise SystemExit(f"{scenario}: errors {r['errors']}")
             return r["requests_per_sec"], r["steal_pct"]

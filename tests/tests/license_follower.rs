@@ -275,9 +275,65 @@ async fn a_delete_while_billing_is_stopped_is_applied_once_when_it_starts(backen
     assert_eq!(counts[&(REMOVED, tricia.id.clone())], 1);
 }
 
+/// Billing starts while the directory is down (after a deletion billing has not seen): the
+/// follower keeps trying, and frees the seat once the directory is back.
+async fn a_directory_outage_delays_the_effect_and_loses_nothing(backend: Backend) {
+    let Some(ddb) = TestDb::new(backend).await else {
+        return;
+    };
+    let Some(bdb) = TestDb::new(backend).await else {
+        return;
+    };
+    let mut directory_config = directory_config(&ddb);
+    directory_config.listen = format!("127.0.0.1:{}", free_port());
+    let directory = DirectoryServer::start_with(directory_config.clone()).await;
+    let billing = BillingServer::start(&bdb, &directory).await;
+    let mut dir = directory.client().await;
+    let mut bill = billing.client().await;
+    let contoso = sign_up(&mut dir, "contoso").await;
+    let kelley = contoso.token.clone();
+    let (jane, _) = add_user(&mut dir, &contoso, "jane", &[]).await;
+    buy(&mut bill, &kelley, E3, 1).await;
+    assign(&mut bill, &kelley, &jane.id, E3).await;
+
+    billing.stop().await;
+    delete(&mut dir, &kelley, &jane.id).await;
+    drop(dir);
+    let token_file = directory.service_token_file();
+    directory.stop().await;
+    let mut config = billing_config(&bdb, &format!("http://{}", directory_config.listen));
+    config.directory_service_token_file = token_file;
+    let billing = BillingServer::start_with(config).await;
+    let mut bill = billing.client().await;
+    // The directory is down: the follower cannot read its changes (and AssignLicense, which
+    // needs the directory, is unavailable), so the seat is still taken.
+    let status = bill
+        .list_licenses(authed(bpb::ListLicensesRequest {}, &kelley))
+        .await
+        .expect_err("the directory is down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        query_rows(&bdb.url, "SELECT consumed FROM license_pools")
+            .await
+            .iter()
+            .map(|r| sqlx::Row::get::<i64, _>(r, "consumed"))
+            .collect::<Vec<_>>(),
+        vec![1]
+    );
+    let _directory = DirectoryServer::start_with(directory_config).await;
+    within(
+        WITHIN,
+        "Jane's seat freed once the directory is back",
+        async || pools(&mut bill, &kelley).await[E3] == (1, 0),
+    )
+    .await;
+    assert_eq!(recorded(&bdb.url).await[&(REMOVED, jane.id.clone())], 1);
+}
+
 on_both_backends!(
     a_deleted_users_licences_are_freed_and_a_restore_gives_back_what_fits,
     a_delete_while_billing_is_stopped_is_applied_once_when_it_starts,
+    a_directory_outage_delays_the_effect_and_loses_nothing,
 );
 
 /// Two billing processes on one PostgreSQL database follow one directory: one follows, and
