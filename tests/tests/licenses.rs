@@ -837,7 +837,57 @@ async fn every_licence_change_shows_on_the_feed(backend: Backend) {
     );
 }
 
+/// Without a token every licence RPC answers UNAUTHENTICATED (`MISSING_TOKEN`), also with bad
+/// fields, and changes nothing.
+async fn every_licence_rpc_needs_a_token(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
+    buy(&mut w.bill, &w.contoso.token, E3, 1).await;
+    let jane = w.jane.0.id.clone();
+    let b = &mut w.bill;
+    let results = vec![
+        b.assign_license(bpb::AssignLicenseRequest {
+            user_id: jane.clone(),
+            offer_id: E3.into(),
+        })
+        .await
+        .map(|_| ()),
+        b.assign_license(bpb::AssignLicenseRequest::default())
+            .await
+            .map(|_| ()),
+        b.remove_license(bpb::RemoveLicenseRequest {
+            user_id: jane.clone(),
+            offer_id: E3.into(),
+        })
+        .await
+        .map(|_| ()),
+        b.list_licenses(bpb::ListLicensesRequest {})
+            .await
+            .map(|_| ()),
+        b.list_license_assignments(bpb::ListLicenseAssignmentsRequest::default())
+            .await
+            .map(|_| ()),
+        b.change_seats(bpb::ChangeSeatsRequest {
+            subscription_id: uuid::Uuid::new_v4().to_string(),
+            seats: 0,
+        })
+        .await
+        .map(|_| ()),
+    ];
+    for result in results {
+        let status = result.expect_err("needs a token");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert_eq!(details(&status).0, "MISSING_TOKEN");
+    }
+    assert_eq!(
+        pools(&mut w.bill, &w.contoso.token).await,
+        vec![(E3.to_owned(), 1, 0)]
+    );
+}
+
 on_both_backends!(
+    every_licence_rpc_needs_a_token,
     assign_remove_and_list_follow_the_rules,
     seat_changes_and_cancellations_keep_the_pool,
     a_hundred_assignments_on_ten_seats_make_ten,

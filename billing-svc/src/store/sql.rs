@@ -667,6 +667,64 @@ mod tests {
         (pool, dir)
     }
 
+    /// Migration 5 counts the pools of the subscriptions bought before licences existed:
+    /// the seats of each directory's active per-seat subscriptions, by offer.
+    #[tokio::test]
+    async fn the_licence_migration_counts_existing_seats() {
+        let (pool, dir) = sqlite_pool("pools").await;
+        for migration in MIGRATOR.iter().filter(|m| m.version < 5) {
+            sqlx::raw_sql(AssertSqlSafe(migration.sql.as_str().to_owned()))
+                .execute(&pool)
+                .await
+                .expect("applies");
+        }
+        for (id, offer, directory, seats, state) in [
+            ("s1", "office365-e3", "d1", 3, 1),
+            ("s2", "office365-e3", "d1", 4, 1),
+            ("s3", "office365-e3", "d1", 50, 2),
+            ("s4", "office365-e3", "d2", 5, 1),
+            ("s5", "office365-business-basic", "d1", 2, 1),
+            ("s6", "azure-pay-as-you-go", "d1", 0, 1),
+        ] {
+            sqlx::query(
+                "INSERT INTO subscriptions (id, offer_id, display_name, directory_id, seats, \
+                 state, created_by_user_id, create_time) VALUES ($1, $2, 'x', $3, $4, $5, 'u', 1)",
+            )
+            .bind(id)
+            .bind(offer)
+            .bind(directory)
+            .bind(seats)
+            .bind(state)
+            .execute(&pool)
+            .await
+            .expect("inserts");
+        }
+        let migration = MIGRATOR
+            .iter()
+            .find(|m| m.version == 5)
+            .expect("migration 5");
+        sqlx::raw_sql(AssertSqlSafe(migration.sql.as_str().to_owned()))
+            .execute(&pool)
+            .await
+            .expect("applies");
+        let pools: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT directory_id, offer_id, enabled, consumed FROM license_pools \
+             ORDER BY directory_id, offer_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("reads");
+        let expected = [
+            ("d1", "office365-business-basic", 2, 0),
+            ("d1", "office365-e3", 7, 0),
+            ("d2", "office365-e3", 5, 0),
+        ]
+        .map(|(d, o, e, c)| (d.to_owned(), o.to_owned(), e, c));
+        assert_eq!(pools, expected);
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// The follower's cursor moves once: a stale follower replaying a deletion after the
     /// restore that followed it (a lease that ran out while it worked) changes nothing, where
     /// applying it would take the restored user's licence away again.
