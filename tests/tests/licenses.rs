@@ -663,6 +663,34 @@ async fn a_hundred_assignments_on_ten_seats_make_ten(backend: Backend) {
     assert_eq!(stored.values().map(|p| p.2).sum::<i64>(), 10);
 }
 
+/// The same assignment sent twenty times at once (one batch or several): one seat, one
+/// assignment, the same answer for every call.
+async fn twenty_identical_assignments_take_one_seat(backend: Backend) {
+    let Some(mut w) = world(backend).await else {
+        return;
+    };
+    let kelley = w.contoso.token.clone();
+    buy(&mut w.bill, &kelley, E3, 5).await;
+    let jane = w.jane.0.id.clone();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let mut bill = w.bill.clone();
+            let (token, jane) = (kelley.clone(), jane.clone());
+            tokio::spawn(async move { bill.assign_license(assign(&jane, E3, &token)).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("task").expect("assigned").into_inner());
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    assert_eq!(
+        pools(&mut w.bill, &kelley).await,
+        vec![(E3.to_owned(), 5, 1)]
+    );
+    assert_pools_hold(&stored_pools(&w.bdb.url).await);
+}
+
 /// 30 tasks race assignments, removals, seat changes, purchases and cancellations on one pool
 /// for several rounds; after each, the database holds the invariant.
 async fn racing_seat_changes_cancellations_and_assignments_never_overrun(backend: Backend) {
@@ -891,6 +919,7 @@ on_both_backends!(
     assign_remove_and_list_follow_the_rules,
     seat_changes_and_cancellations_keep_the_pool,
     a_hundred_assignments_on_ten_seats_make_ten,
+    twenty_identical_assignments_take_one_seat,
     racing_seat_changes_cancellations_and_assignments_never_overrun,
     every_licence_change_shows_on_the_feed,
 );

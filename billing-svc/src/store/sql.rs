@@ -40,6 +40,8 @@ pub struct SqlStore {
     outbox: Outbox,
     /// Which replica follows the directory's change feed.
     lease: Lease,
+    /// Assignments waiting for the next batch (`licences::assign_in_batches`).
+    assignments: mpsc::Sender<licences::PendingAssignment>,
 }
 
 /// The kind of row the caches of subscriptions are invalidated by.
@@ -95,6 +97,14 @@ impl SqlStore {
             outbox.clone(),
             queue,
         ));
+        let (assignments, assignment_queue) = mpsc::channel(4 * licences::MAX_ASSIGNMENTS);
+        tokio::spawn(licences::assign_in_batches(
+            pool.clone(),
+            engine,
+            writers.clone(),
+            outbox.clone(),
+            assignment_queue,
+        ));
         let reads = PointReads::start(
             pool.clone(),
             format!("SELECT {SELECT_COLUMNS} FROM subscriptions WHERE id IN"),
@@ -102,6 +112,7 @@ impl SqlStore {
         );
         Ok(Self {
             lease: Lease::new(pool.clone(), engine, "directory-follower"),
+            assignments,
             pool,
             writers,
             purchases,

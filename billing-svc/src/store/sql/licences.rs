@@ -5,12 +5,18 @@
 //! writers on any number of replicas cannot both take the last seat.
 //!
 //! Locks are taken in one order by every transaction, so none waits on another in a circle
-//! (PostgreSQL; SQLite has one writer): a user's `license_users` row, then a subscription
-//! row, then pool rows (by directory and offer), then assignment rows, then the change
-//! sequence (the outbox, last).
+//! (PostgreSQL; SQLite has one writer): users' `license_users` rows (by user id), then a
+//! subscription's row, then assignment rows (deleted, or inserted), then pool rows (by
+//! directory and offer), then the change sequence (the outbox, last).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sqlx::any::AnyRow;
-use sqlx::{Any, AssertSqlSafe, Row as _, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyPool, AssertSqlSafe, Row as _, Transaction};
+use storage::db::{Engine, HeldConnection, WriteGate};
+use storage::feed::Outbox;
+use tokio::sync::{mpsc, oneshot};
 
 use super::super::changes;
 use super::{SqlStore, corrupt};
@@ -18,16 +24,13 @@ use crate::domain::model::{Assigned, Assignment, ChangeKind, License, SeatsChang
 use crate::domain::offers;
 use crate::store::StoreError;
 
-/// Marks the user as one billing has seen alive, and locks its row: `false` when billing
-/// has seen it deleted (see `domain::follow`). An assignment racing the user's deletion waits here
-/// for it (or it for the assignment), so the two never overlap.
-const LOCK_LIVE_USER: &str = "INSERT INTO license_users (user_id, directory_id, deleted) \
-     VALUES ($1, $2, 0) ON CONFLICT (user_id) DO UPDATE SET deleted = 0 \
-     WHERE license_users.deleted = 0";
-
 /// Takes a seat, if one is free.
 pub(super) const TAKE_SEAT: &str = "UPDATE license_pools SET consumed = consumed + 1 \
      WHERE directory_id = $1 AND offer_id = $2 AND consumed < enabled";
+
+/// Takes `$3` seats, if that many are free.
+const TAKE_SEATS: &str = "UPDATE license_pools SET consumed = consumed + $3 \
+     WHERE directory_id = $1 AND offer_id = $2 AND consumed + $3 <= enabled";
 
 /// Gives a seat back.
 pub(super) const FREE_SEAT: &str = "UPDATE license_pools SET consumed = consumed - 1 \
@@ -75,61 +78,6 @@ async fn undo<T>(tx: Transaction<'_, Any>, outcome: T) -> Result<T, StoreError> 
 }
 
 impl SqlStore {
-    pub(super) async fn assign_seat(&self, a: &Assignment) -> Result<Assigned, StoreError> {
-        let turn = self.writers.enter().await;
-        let mut tx = self.pool.begin().await?;
-        let alive = sqlx::query(LOCK_LIVE_USER)
-            .bind(&a.user_id)
-            .bind(&a.directory_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if alive == 0 {
-            return undo(tx, Assigned::UserDeleted).await;
-        }
-        let held: Option<i64> = sqlx::query_scalar(
-            "SELECT assign_time FROM license_assignments \
-             WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3",
-        )
-        .bind(&a.directory_id)
-        .bind(&a.user_id)
-        .bind(a.offer.id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(assign_time) = held {
-            let held = Assignment {
-                assign_time,
-                ..a.clone()
-            };
-            return undo(tx, Assigned::Held(held)).await;
-        }
-        let took = sqlx::query(TAKE_SEAT)
-            .bind(&a.directory_id)
-            .bind(a.offer.id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if took == 0 {
-            return undo(tx, Assigned::NoSeat).await;
-        }
-        sqlx::query(
-            "INSERT INTO license_assignments (directory_id, user_id, offer_id, assign_time) \
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&a.directory_id)
-        .bind(&a.user_id)
-        .bind(a.offer.id)
-        .bind(a.assign_time)
-        .execute(&mut *tx)
-        .await?;
-        let change = changes::assignment(ChangeKind::LicenseAssigned, a, a.assign_time)?;
-        self.outbox.record(&mut tx, &[change]).await?;
-        tx.commit().await?;
-        drop(turn);
-        self.outbox.committed();
-        Ok(Assigned::New(a.clone()))
-    }
-
     pub(super) async fn free_seat(
         &self,
         directory_id: &str,
@@ -293,4 +241,295 @@ pub(super) async fn move_seats(
         .await?
         .rows_affected();
     Ok(moved == 1)
+}
+
+/// An assignment waiting for the next batch.
+pub(super) struct PendingAssignment {
+    pub(super) assignment: Assignment,
+    pub(super) done: oneshot::Sender<Result<Assigned, StoreError>>,
+}
+
+/// Most assignments one batch takes.
+pub(super) const MAX_ASSIGNMENTS: usize = 256;
+
+impl SqlStore {
+    /// Queued for the assignment task: every assignment waiting when it is free is decided
+    /// in one transaction with a handful of statements, whatever their number, and each
+    /// caller hears back after its commit.
+    pub(super) async fn assign_seat(&self, a: &Assignment) -> Result<Assigned, StoreError> {
+        let (done, outcome) = oneshot::channel();
+        let pending = PendingAssignment {
+            assignment: a.clone(),
+            done,
+        };
+        let stopped = || StoreError::from(sqlx::Error::PoolClosed);
+        self.assignments
+            .send(pending)
+            .await
+            .map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
+    }
+}
+
+/// The assignment loop: takes whatever assignments are queued (at least one, at most
+/// [`MAX_ASSIGNMENTS`]), decides and writes them in one transaction ([`assign_batch`]), and
+/// answers each caller. A failed batch fails its callers (not retried: the commit may have
+/// landed; an assignment is idempotent, so the caller may retry).
+pub(super) async fn assign_in_batches(
+    pool: AnyPool,
+    engine: Engine,
+    writers: WriteGate,
+    outbox: Outbox,
+    mut queue: mpsc::Receiver<PendingAssignment>,
+) {
+    let mut batch = Vec::with_capacity(MAX_ASSIGNMENTS);
+    let mut held = HeldConnection::new(pool);
+    while held
+        .wait(queue.recv_many(&mut batch, MAX_ASSIGNMENTS))
+        .await
+        > 0
+    {
+        let started = std::time::Instant::now();
+        let outcome = {
+            let _turn = writers.enter().await;
+            match held.get().await {
+                Ok(conn) => assign_batch(conn, engine, &outbox, &batch).await,
+                Err(err) => Err(err),
+            }
+        };
+        metrics::histogram!("billing_assignment_batch_size").record(batch.len() as f64);
+        metrics::histogram!("billing_assignment_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(outcomes) => {
+                if outcomes.iter().any(|o| matches!(o, Assigned::New(_))) {
+                    outbox.committed();
+                }
+                for (pending, outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = pending.done.send(Ok(outcome));
+                }
+            }
+            Err(err) => {
+                held.give_back();
+                for pending in batch.drain(..) {
+                    let err = storage::db::copy_error(&err);
+                    let _ = pending.done.send(Err(StoreError::from(err)));
+                }
+            }
+        }
+    }
+}
+
+type Key<'a> = (&'a str, &'a str, &'a str);
+
+fn key(a: &Assignment) -> Key<'_> {
+    (a.directory_id.as_str(), a.user_id.as_str(), a.offer.id)
+}
+
+/// `INSERT ... VALUES` of `rows` rows of `cols` placeholders, then `tail`: a statement
+/// whose shape depends on the batch, so it is not kept prepared.
+fn values_sql(engine: Engine, head: &str, rows: usize, cols: usize, tail: &str) -> String {
+    let mut sql = format!("{head} VALUES ");
+    engine.push_value_rows(&mut sql, rows, cols);
+    sql.push_str(tail);
+    sql
+}
+
+/// Decides and writes a batch of assignments in one transaction, in the lock order of this
+/// module: the users' rows (one upsert, by user id), which tells who billing has seen
+/// deleted; the new assignments (one insert, which skips those held already); then each
+/// pool's seats, taken for as many of its new assignments as it has free, first come first
+/// served (one conditional `UPDATE` per pool, by directory and offer; any beyond are deleted
+/// again); and their changes. The outcome of each assignment, in the batch's order; the same
+/// assignment twice is new once and held after.
+async fn assign_batch(
+    conn: &mut PoolConnection<Any>,
+    engine: Engine,
+    outbox: &Outbox,
+    batch: &[PendingAssignment],
+) -> Result<Vec<Assigned>, sqlx::Error> {
+    use sqlx::Connection as _;
+    let mut tx = conn.begin().await?;
+
+    // The users, each once, in id order: locked, and marked seen alive unless marked deleted.
+    let users: BTreeMap<&str, &str> = batch
+        .iter()
+        .map(|p| {
+            (
+                p.assignment.user_id.as_str(),
+                p.assignment.directory_id.as_str(),
+            )
+        })
+        .collect();
+    let sql = values_sql(
+        engine,
+        "INSERT INTO license_users (user_id, directory_id, deleted)",
+        users.len(),
+        3,
+        " ON CONFLICT (user_id) DO UPDATE SET deleted = 0 WHERE license_users.deleted = 0 \
+         RETURNING user_id",
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+    for (user, directory) in &users {
+        query = query.bind(*user).bind(*directory).bind(0_i64);
+    }
+    let alive: HashSet<String> = query
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String, _>("user_id"))
+        .collect::<Result<_, _>>()?;
+
+    // The new ones, each once: inserted, unless held already (the primary key finds them).
+    let mut seen: HashSet<Key<'_>> = HashSet::new();
+    let candidates: Vec<&Assignment> = batch
+        .iter()
+        .map(|p| &p.assignment)
+        .filter(|a| alive.contains(&a.user_id) && seen.insert(key(a)))
+        .collect();
+    let mut inserted: HashSet<(String, String, String)> = HashSet::new();
+    if !candidates.is_empty() {
+        let sql = values_sql(
+            engine,
+            "INSERT INTO license_assignments (directory_id, user_id, offer_id, assign_time)",
+            candidates.len(),
+            4,
+            " ON CONFLICT DO NOTHING RETURNING directory_id, user_id, offer_id",
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+        for a in &candidates {
+            query = query
+                .bind(a.directory_id.as_str())
+                .bind(a.user_id.as_str())
+                .bind(a.offer.id)
+                .bind(a.assign_time);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            inserted.insert((
+                row.try_get("directory_id")?,
+                row.try_get("user_id")?,
+                row.try_get("offer_id")?,
+            ));
+        }
+    }
+    let is_new = |a: &Assignment| {
+        inserted.contains(&(
+            a.directory_id.clone(),
+            a.user_id.clone(),
+            a.offer.id.to_owned(),
+        ))
+    };
+
+    // The licences held already, as stored (rare: a repeated assignment).
+    let mut held: HashMap<Key<'_>, Assignment> = HashMap::new();
+    for a in candidates.iter().filter(|a| !is_new(a)) {
+        let stored: Option<i64> = sqlx::query_scalar(
+            "SELECT assign_time FROM license_assignments \
+             WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3",
+        )
+        .bind(a.directory_id.as_str())
+        .bind(a.user_id.as_str())
+        .bind(a.offer.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let assign_time = stored.unwrap_or(a.assign_time);
+        held.insert(
+            key(a),
+            Assignment {
+                assign_time,
+                ..(*a).clone()
+            },
+        );
+    }
+
+    // Each pool's seats, for as many of its new assignments as it has free (first come,
+    // first served); those beyond are taken out again.
+    let mut by_pool: BTreeMap<(&str, &str), Vec<&Assignment>> = BTreeMap::new();
+    for a in candidates.iter().filter(|a| is_new(a)) {
+        by_pool
+            .entry((a.directory_id.as_str(), a.offer.id))
+            .or_default()
+            .push(a);
+    }
+    let mut granted: HashMap<Key<'_>, &Assignment> = HashMap::new();
+    for ((directory, offer), assignments) in &by_pool {
+        let seats = take_seats(&mut tx, directory, offer, assignments.len()).await?;
+        granted.extend(assignments.iter().take(seats).map(|a| (key(a), *a)));
+        for a in assignments.iter().skip(seats) {
+            sqlx::query(
+                "DELETE FROM license_assignments \
+                 WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3",
+            )
+            .bind(a.directory_id.as_str())
+            .bind(a.user_id.as_str())
+            .bind(a.offer.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+
+    if granted.is_empty() {
+        tx.rollback().await?;
+    } else {
+        let changes = candidates
+            .iter()
+            .filter(|a| granted.contains_key(&key(a)))
+            .map(|a| changes::assignment(ChangeKind::LicenseAssigned, a, a.assign_time))
+            .collect::<Result<Vec<_>, _>>()?;
+        outbox.record(&mut tx, &changes).await?;
+        tx.commit().await?;
+    }
+
+    Ok(batch
+        .iter()
+        .map(|pending| {
+            let a = &pending.assignment;
+            if !alive.contains(&a.user_id) {
+                Assigned::UserDeleted
+            } else if let Some(stored) = held.get(&key(a)) {
+                Assigned::Held(stored.clone())
+            } else if let Some(first) = granted.get(&key(a)) {
+                if std::ptr::eq(*first, a) {
+                    Assigned::New(a.clone())
+                } else {
+                    Assigned::Held((*first).clone())
+                }
+            } else {
+                Assigned::NoSeat
+            }
+        })
+        .collect())
+}
+
+/// Takes up to `wanted` seats of a pool: as many as it has free. The count is checked by
+/// the `UPDATE` itself on the locked row; the read in between only picks the next count to
+/// try (another replica may take or free seats meanwhile).
+async fn take_seats(
+    tx: &mut Transaction<'_, Any>,
+    directory_id: &str,
+    offer_id: &str,
+    wanted: usize,
+) -> Result<usize, sqlx::Error> {
+    let mut count = wanted;
+    while count > 0 {
+        let took = sqlx::query(TAKE_SEATS)
+            .bind(directory_id)
+            .bind(offer_id)
+            .bind(i64::try_from(count).unwrap_or(i64::MAX))
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        if took == 1 {
+            return Ok(count);
+        }
+        let free: Option<i64> = sqlx::query_scalar(
+            "SELECT enabled - consumed FROM license_pools WHERE directory_id = $1 AND offer_id = $2",
+        )
+        .bind(directory_id)
+        .bind(offer_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        count = wanted.min(usize::try_from(free.unwrap_or(0)).unwrap_or(0));
+    }
+    Ok(0)
 }
