@@ -44,15 +44,14 @@ CREATE TABLE licenses_set_aside (
     PRIMARY KEY (user_id, offer_id)
 );
 
--- Users that have held a licence or that billing has seen deleted. An assignment locks its
--- user's row and refuses a deleted user, in the transaction that inserts; the directory
--- feed's follower locks it to set a deleted user's licences aside. So the two serialise, and
--- an assignment racing a deletion cannot outlive it.
-CREATE TABLE license_users (
-    user_id      TEXT   PRIMARY KEY,
-    directory_id TEXT   NOT NULL,
-    -- 1 once billing has seen the user deleted (or purged); 0 while active
-    deleted      BIGINT NOT NULL
+-- Users billing has seen deleted (by the directory's change feed) and not restored since.
+-- The follower writes the mark, then locks the directory's pools, then sets the user's
+-- assignments aside; an assignment locks its pool (taking its seat), then looks for the mark.
+-- So whichever comes second sees the other: an assignment racing a deletion cannot outlive
+-- it, and the assignment's hot path writes no row per user.
+CREATE TABLE deleted_license_users (
+    user_id      TEXT PRIMARY KEY,
+    directory_id TEXT NOT NULL
 );
 
 -- Where billing is in the directory's change feed: the cursor moves in the transaction of

@@ -678,6 +678,68 @@ mod tests {
         (pool, dir)
     }
 
+    /// An assignment for a user the follower has marked deleted gets nothing (its seat goes
+    /// back in the same transaction), and one for a restored user goes through: the mark is
+    /// read in the transaction that inserts, after the pool is locked.
+    #[tokio::test]
+    async fn a_user_marked_deleted_gets_no_licence() {
+        use crate::domain::follow::{FollowerStore as _, UserChange, UserRef};
+        let (pool, dir) = sqlite_pool("marked").await;
+        let store = SqlStore::new(pool.clone(), Engine::Sqlite)
+            .await
+            .expect("migrates");
+        sqlx::query(
+            "INSERT INTO license_pools (directory_id, offer_id, enabled, consumed) \
+             VALUES ('d', 'office365-e3', 5, 0)",
+        )
+        .execute(&pool)
+        .await
+        .expect("inserts");
+        let jane = UserRef {
+            user_id: "u".into(),
+            directory_id: "d".into(),
+        };
+        let deleted = UserChange::Deleted(jane.clone());
+        assert!(
+            store
+                .advance("", "c1", Some(&deleted), 1)
+                .await
+                .expect("delete")
+        );
+        let assignment = Assignment {
+            user_id: "u".into(),
+            offer: offers::find("office365-e3").expect("an offer"),
+            directory_id: "d".into(),
+            assign_time: 2,
+        };
+        let consumed = async || -> i64 {
+            sqlx::query_scalar("SELECT consumed FROM license_pools")
+                .fetch_one(&pool)
+                .await
+                .expect("reads")
+        };
+        assert_eq!(
+            store.assign(&assignment).await.expect("assign"),
+            Assigned::UserDeleted
+        );
+        assert_eq!(consumed().await, 0);
+        let restored = UserChange::Restored(jane);
+        assert!(
+            store
+                .advance("c1", "c2", Some(&restored), 3)
+                .await
+                .expect("restore")
+        );
+        assert_eq!(
+            store.assign(&assignment).await.expect("assign"),
+            Assigned::New(assignment.clone())
+        );
+        assert_eq!(consumed().await, 1);
+        drop(store);
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// Migration 5 counts the pools of the subscriptions bought before licences existed:
     /// the seats of each directory's active per-seat subscriptions, by offer.
     #[tokio::test]

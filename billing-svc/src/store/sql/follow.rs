@@ -1,8 +1,15 @@
 //! The directory follower's place and effects (see `domain::follow`): the cursor moves,
 //! compared with the one it moves from, in the transaction that applies the change's effect
-//! on licences. Each effect locks in the order of `licences` (the user's `license_users`
-//! row, its assignments, pools by offer, the change sequence last), after the cursor's row,
-//! which only the follower takes.
+//! on licences. Each effect locks in the order of `licences` (new assignment rows, pools by
+//! offer, deleted assignment rows, the change sequence last), after the cursor's row, which
+//! only the follower takes.
+//!
+//! A deletion writes the user's mark, then locks every pool of the directory, then sets the
+//! user's assignments aside. An assignment (`licences::assign_batch`) inserts its row, locks
+//! its pool, then reads the marks. On PostgreSQL, if the assignment locked the pool first,
+//! the deletion waits for its commit and then finds its row; if the deletion locked the pools
+//! first, the assignment waits for its commit and then finds the mark. Either way the
+//! assignment does not outlive the deletion.
 
 use async_trait::async_trait;
 use sqlx::{Any, Transaction};
@@ -10,14 +17,14 @@ use storage::feed::NewChange;
 
 use super::super::changes;
 use super::SqlStore;
-use super::licences::{FREE_SEAT, TAKE_SEAT, assignment_from_row};
+use super::licences::{FREE_SEAT, LOCK_DIRECTORY_POOLS, TAKE_SEAT, assignment_from_row};
 use crate::domain::follow::{FollowerStore, UserChange, UserRef};
 use crate::domain::model::{Assignment, ChangeKind};
 use crate::store::StoreError;
 
-/// Marks the user deleted (1) or active (0), locking its row.
-const MARK_USER: &str = "INSERT INTO license_users (user_id, directory_id, deleted) \
-     VALUES ($1, $2, $3) ON CONFLICT (user_id) DO UPDATE SET deleted = excluded.deleted";
+/// Marks the user as deleted.
+const MARK_DELETED: &str = "INSERT INTO deleted_license_users (user_id, directory_id) \
+     VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING";
 
 #[async_trait]
 impl FollowerStore for SqlStore {
@@ -64,6 +71,7 @@ impl FollowerStore for SqlStore {
             Some(UserChange::Restored(user)) => give_back(&mut tx, user, now).await?,
             Some(UserChange::Purged(user)) => {
                 mark(&mut tx, user, true).await?;
+                // Purged: the user is gone for good; what was set aside goes with it.
                 sqlx::query("DELETE FROM licenses_set_aside WHERE user_id = $1")
                     .bind(&user.user_id)
                     .execute(&mut *tx)
@@ -82,12 +90,18 @@ impl FollowerStore for SqlStore {
 }
 
 async fn mark(tx: &mut Transaction<'_, Any>, user: &UserRef, deleted: bool) -> sqlx::Result<()> {
-    sqlx::query(MARK_USER)
-        .bind(&user.user_id)
-        .bind(&user.directory_id)
-        .bind(i64::from(deleted))
-        .execute(&mut **tx)
-        .await?;
+    if deleted {
+        sqlx::query(MARK_DELETED)
+            .bind(&user.user_id)
+            .bind(&user.directory_id)
+            .execute(&mut **tx)
+            .await?;
+    } else {
+        sqlx::query("DELETE FROM deleted_license_users WHERE user_id = $1")
+            .bind(&user.user_id)
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(())
 }
 
@@ -99,6 +113,10 @@ async fn set_aside(
     now: i64,
 ) -> sqlx::Result<Vec<NewChange>> {
     mark(tx, user, true).await?;
+    sqlx::query(LOCK_DIRECTORY_POOLS)
+        .bind(&user.directory_id)
+        .execute(&mut **tx)
+        .await?;
     let rows = sqlx::query(
         "DELETE FROM license_assignments WHERE directory_id = $1 AND user_id = $2 \
          RETURNING directory_id, user_id, offer_id, assign_time",
@@ -155,8 +173,28 @@ async fn give_back(
         .map(assignment_from_row)
         .collect::<Result<Vec<Assignment>, _>>()?;
     kept.sort_by_key(|a| a.offer.id);
-    let mut recorded = Vec::with_capacity(kept.len());
-    for a in &kept {
+    // The rows first, then the pools (this module's lock order); a row without a free seat
+    // goes again.
+    let mut back = Vec::with_capacity(kept.len());
+    for a in kept {
+        let inserted = sqlx::query(
+            "INSERT INTO license_assignments (directory_id, user_id, offer_id, assign_time) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(&a.directory_id)
+        .bind(&a.user_id)
+        .bind(a.offer.id)
+        .bind(a.assign_time)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        // Not inserted: the user holds that licence already (assigned since the restore).
+        if inserted == 1 {
+            back.push(a);
+        }
+    }
+    let mut recorded = Vec::with_capacity(back.len());
+    for a in &back {
         let took = sqlx::query(TAKE_SEAT)
             .bind(&a.directory_id)
             .bind(a.offer.id)
@@ -164,18 +202,17 @@ async fn give_back(
             .await?
             .rows_affected();
         if took == 0 {
+            sqlx::query(
+                "DELETE FROM license_assignments \
+                 WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3",
+            )
+            .bind(&a.directory_id)
+            .bind(&a.user_id)
+            .bind(a.offer.id)
+            .execute(&mut **tx)
+            .await?;
             continue;
         }
-        sqlx::query(
-            "INSERT INTO license_assignments (directory_id, user_id, offer_id, assign_time) \
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&a.directory_id)
-        .bind(&a.user_id)
-        .bind(a.offer.id)
-        .bind(a.assign_time)
-        .execute(&mut **tx)
-        .await?;
         recorded.push(changes::assignment(ChangeKind::LicenseAssigned, a, now)?);
     }
     Ok(recorded)

@@ -5,9 +5,12 @@
 //! writers on any number of replicas cannot both take the last seat.
 //!
 //! Locks are taken in one order by every transaction, so none waits on another in a circle
-//! (PostgreSQL; SQLite has one writer): users' `license_users` rows (by user id), then a
-//! subscription's row, then assignment rows (deleted, or inserted), then pool rows (by
-//! directory and offer), then the change sequence (the outbox, last).
+//! (PostgreSQL; SQLite has one writer): a subscription's row, then new assignment rows (an
+//! insert waits only for another transaction's insert or delete of the same key), then pool
+//! rows (by directory and offer), then the assignment rows a removal deletes, then the change
+//! sequence (the outbox, last). A user's deletion mark (`deleted_license_users`) is written
+//! only by the follower and read by an assignment after it has locked its pool: see
+//! `follow`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -31,6 +34,14 @@ pub(super) const TAKE_SEAT: &str = "UPDATE license_pools SET consumed = consumed
 /// Takes `$3` seats, if that many are free.
 const TAKE_SEATS: &str = "UPDATE license_pools SET consumed = consumed + $3 \
      WHERE directory_id = $1 AND offer_id = $2 AND consumed + $3 <= enabled";
+
+/// Locks a pool's row, changing nothing.
+const LOCK_POOL: &str = "UPDATE license_pools SET consumed = consumed \
+     WHERE directory_id = $1 AND offer_id = $2";
+
+/// Locks every pool row of a directory (in key order), changing nothing.
+pub(super) const LOCK_DIRECTORY_POOLS: &str =
+    "UPDATE license_pools SET consumed = consumed WHERE directory_id = $1";
 
 /// Gives a seat back.
 pub(super) const FREE_SEAT: &str = "UPDATE license_pools SET consumed = consumed - 1 \
@@ -87,6 +98,12 @@ impl SqlStore {
     ) -> Result<Option<Assignment>, StoreError> {
         let turn = self.writers.enter().await;
         let mut tx = self.pool.begin().await?;
+        // The pool first (this module's lock order), then the assignment.
+        sqlx::query(LOCK_POOL)
+            .bind(directory_id)
+            .bind(offer_id)
+            .execute(&mut *tx)
+            .await?;
         let removed = sqlx::query(
             "DELETE FROM license_assignments \
              WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3 \
@@ -335,13 +352,24 @@ fn values_sql(engine: Engine, head: &str, rows: usize, cols: usize, tail: &str) 
     sql
 }
 
+/// `$first, ..., $first + count - 1` (or `?, ...` on SQLite): an `IN` list.
+fn placeholders(engine: Engine, first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| match engine {
+            Engine::Sqlite => "?".to_owned(),
+            Engine::Postgres => format!("${n}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Decides and writes a batch of assignments in one transaction, in the lock order of this
-/// module: the users' rows (one upsert, by user id), which tells who billing has seen
-/// deleted; the new assignments (one insert, which skips those held already); then each
-/// pool's seats, taken for as many of its new assignments as it has free, first come first
-/// served (one conditional `UPDATE` per pool, by directory and offer; any beyond are deleted
-/// again); and their changes. The outcome of each assignment, in the batch's order; the same
-/// assignment twice is new once and held after.
+/// module: the new assignments (one insert, which skips those held already); each pool's
+/// seats, taken for as many of its new assignments as it has free, first come first served
+/// (one conditional `UPDATE` per pool, by directory and offer); then, with the pools locked,
+/// the deletion marks of their users (one read): a user the follower has marked deleted
+/// gets nothing, and what it would have got goes back. The outcome of each assignment, in the
+/// batch's order; the same assignment twice is new once and held after.
 async fn assign_batch(
     conn: &mut PoolConnection<Any>,
     engine: Engine,
@@ -351,66 +379,35 @@ async fn assign_batch(
     use sqlx::Connection as _;
     let mut tx = conn.begin().await?;
 
-    // The users, each once, in id order: locked, and marked seen alive unless marked deleted.
-    let users: BTreeMap<&str, &str> = batch
-        .iter()
-        .map(|p| {
-            (
-                p.assignment.user_id.as_str(),
-                p.assignment.directory_id.as_str(),
-            )
-        })
-        .collect();
-    let sql = values_sql(
-        engine,
-        "INSERT INTO license_users (user_id, directory_id, deleted)",
-        users.len(),
-        3,
-        " ON CONFLICT (user_id) DO UPDATE SET deleted = 0 WHERE license_users.deleted = 0 \
-         RETURNING user_id",
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
-    for (user, directory) in &users {
-        query = query.bind(*user).bind(*directory).bind(0_i64);
-    }
-    let alive: HashSet<String> = query
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|row| row.try_get::<String, _>("user_id"))
-        .collect::<Result<_, _>>()?;
-
     // The new ones, each once: inserted, unless held already (the primary key finds them).
     let mut seen: HashSet<Key<'_>> = HashSet::new();
     let candidates: Vec<&Assignment> = batch
         .iter()
         .map(|p| &p.assignment)
-        .filter(|a| alive.contains(&a.user_id) && seen.insert(key(a)))
+        .filter(|a| seen.insert(key(a)))
         .collect();
+    let sql = values_sql(
+        engine,
+        "INSERT INTO license_assignments (directory_id, user_id, offer_id, assign_time)",
+        candidates.len(),
+        4,
+        " ON CONFLICT DO NOTHING RETURNING directory_id, user_id, offer_id",
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+    for a in &candidates {
+        query = query
+            .bind(a.directory_id.as_str())
+            .bind(a.user_id.as_str())
+            .bind(a.offer.id)
+            .bind(a.assign_time);
+    }
     let mut inserted: HashSet<(String, String, String)> = HashSet::new();
-    if !candidates.is_empty() {
-        let sql = values_sql(
-            engine,
-            "INSERT INTO license_assignments (directory_id, user_id, offer_id, assign_time)",
-            candidates.len(),
-            4,
-            " ON CONFLICT DO NOTHING RETURNING directory_id, user_id, offer_id",
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
-        for a in &candidates {
-            query = query
-                .bind(a.directory_id.as_str())
-                .bind(a.user_id.as_str())
-                .bind(a.offer.id)
-                .bind(a.assign_time);
-        }
-        for row in query.fetch_all(&mut *tx).await? {
-            inserted.insert((
-                row.try_get("directory_id")?,
-                row.try_get("user_id")?,
-                row.try_get("offer_id")?,
-            ));
-        }
+    for row in query.fetch_all(&mut *tx).await? {
+        inserted.insert((
+            row.try_get("directory_id")?,
+            row.try_get("user_id")?,
+            row.try_get("offer_id")?,
+        ));
     }
     let is_new = |a: &Assignment| {
         inserted.contains(&(
@@ -442,53 +439,86 @@ async fn assign_batch(
         );
     }
 
-    // Each pool's seats, for as many of its new assignments as it has free (first come,
-    // first served); those beyond are taken out again.
+    // Each pool's seats, for as many of its new assignments as it has free.
+    let new: Vec<&Assignment> = candidates.iter().copied().filter(|a| is_new(a)).collect();
     let mut by_pool: BTreeMap<(&str, &str), Vec<&Assignment>> = BTreeMap::new();
-    for a in candidates.iter().filter(|a| is_new(a)) {
+    for a in &new {
         by_pool
             .entry((a.directory_id.as_str(), a.offer.id))
             .or_default()
             .push(a);
     }
-    let mut granted: HashMap<Key<'_>, &Assignment> = HashMap::new();
+    let mut granted: HashSet<Key<'_>> = HashSet::new();
     for ((directory, offer), assignments) in &by_pool {
         let seats = take_seats(&mut tx, directory, offer, assignments.len()).await?;
-        granted.extend(assignments.iter().take(seats).map(|a| (key(a), *a)));
-        for a in assignments.iter().skip(seats) {
-            sqlx::query(
-                "DELETE FROM license_assignments \
-                 WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3",
-            )
-            .bind(a.directory_id.as_str())
-            .bind(a.user_id.as_str())
-            .bind(a.offer.id)
-            .execute(&mut *tx)
-            .await?;
+        granted.extend(assignments.iter().take(seats).map(|a| key(a)));
+    }
+
+    // With the pools locked: which of the users the follower has marked deleted.
+    let users: Vec<&str> = new
+        .iter()
+        .map(|a| a.user_id.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut deleted: HashSet<String> = HashSet::new();
+    if !users.is_empty() {
+        let sql = format!(
+            "SELECT user_id FROM deleted_license_users WHERE user_id IN ({})",
+            placeholders(engine, 1, users.len())
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+        for user in &users {
+            query = query.bind(*user);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            deleted.insert(row.try_get("user_id")?);
         }
     }
 
-    if granted.is_empty() {
+    // What stays: granted, of a user not deleted. The rest is taken out again (rare).
+    let kept = |a: &Assignment| granted.contains(&key(a)) && !deleted.contains(&a.user_id);
+    for a in new.iter().filter(|a| !kept(a)) {
+        if granted.contains(&key(a)) {
+            sqlx::query(FREE_SEAT)
+                .bind(a.directory_id.as_str())
+                .bind(a.offer.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "DELETE FROM license_assignments \
+             WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3",
+        )
+        .bind(a.directory_id.as_str())
+        .bind(a.user_id.as_str())
+        .bind(a.offer.id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let changes = new
+        .iter()
+        .filter(|a| kept(a))
+        .map(|a| changes::assignment(ChangeKind::LicenseAssigned, a, a.assign_time))
+        .collect::<Result<Vec<_>, _>>()?;
+    if changes.is_empty() {
         tx.rollback().await?;
     } else {
-        let changes = candidates
-            .iter()
-            .filter(|a| granted.contains_key(&key(a)))
-            .map(|a| changes::assignment(ChangeKind::LicenseAssigned, a, a.assign_time))
-            .collect::<Result<Vec<_>, _>>()?;
         outbox.record(&mut tx, &changes).await?;
         tx.commit().await?;
     }
 
+    let firsts: HashMap<Key<'_>, &Assignment> = candidates.iter().map(|a| (key(a), *a)).collect();
     Ok(batch
         .iter()
         .map(|pending| {
             let a = &pending.assignment;
-            if !alive.contains(&a.user_id) {
-                Assigned::UserDeleted
-            } else if let Some(stored) = held.get(&key(a)) {
+            let first = firsts.get(&key(a));
+            if let Some(stored) = held.get(&key(a)) {
                 Assigned::Held(stored.clone())
-            } else if let Some(first) = granted.get(&key(a)) {
+            } else if deleted.contains(&a.user_id) {
+                Assigned::UserDeleted
+            } else if let Some(first) = first.filter(|first| kept(first)) {
                 if std::ptr::eq(*first, a) {
                     Assigned::New(a.clone())
                 } else {
