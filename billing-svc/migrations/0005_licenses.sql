@@ -31,8 +31,6 @@ CREATE TABLE license_assignments (
     PRIMARY KEY (directory_id, user_id, offer_id)
 );
 
--- ListLicenseAssignments filtered by offer.
-CREATE INDEX license_assignments_by_offer ON license_assignments (directory_id, offer_id, user_id);
 
 -- The assignments of users billing has seen deleted: neither counted nor listed, until the
 -- user is restored (each given back while its pool has a free seat) or purged.

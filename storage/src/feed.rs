@@ -29,7 +29,8 @@ use contract::refusal::Refusal;
 
 use crate::db::Engine;
 
-/// The PostgreSQL channel a commit with changes notifies.
+/// The PostgreSQL channel a commit with changes notifies (named in `Outbox::record`'s
+/// statement too).
 const CHANNEL: &str = "changes";
 /// Changes one INSERT writes (5 parameters each).
 const INSERT_ROWS: usize = 100;
@@ -84,12 +85,21 @@ impl Outbox {
         if count == 0 {
             return Ok(());
         }
-        let last: i64 = sqlx::query_scalar(
-            "UPDATE change_sequence SET last = last + $1 WHERE id = 1 RETURNING last",
-        )
-        .bind(count)
-        .fetch_one(&mut **tx)
-        .await?;
+        let numbers = match self.engine {
+            Engine::Sqlite => {
+                "UPDATE change_sequence SET last = last + $1 WHERE id = 1 RETURNING last"
+            }
+            // The notification rides on the same statement (delivered at commit, once per
+            // transaction and channel): one round trip fewer for every write.
+            Engine::Postgres => {
+                "UPDATE change_sequence SET last = last + $1 WHERE id = 1 \
+                 RETURNING last, (SELECT 1 FROM pg_notify('changes', '')) AS notified"
+            }
+        };
+        let last: i64 = sqlx::query_scalar(numbers)
+            .bind(count)
+            .fetch_one(&mut **tx)
+            .await?;
         let mut seq = last - count;
         for chunk in changes.chunks(INSERT_ROWS) {
             let mut sql = String::from(
@@ -107,13 +117,6 @@ impl Outbox {
                     .bind(change.resource.clone());
             }
             insert.execute(&mut **tx).await?;
-        }
-        if self.engine == Engine::Postgres {
-            // Delivered at commit, once per transaction and channel.
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(CHANNEL)
-                .execute(&mut **tx)
-                .await?;
         }
         Ok(())
     }

@@ -1,14 +1,14 @@
 //! The directory follower's place and effects (see `domain::follow`): the cursor moves,
 //! compared with the one it moves from, in the transaction that applies the change's effect
-//! on licences. Each effect locks in the order of `licences` (new assignment rows, pools by
-//! offer, deleted assignment rows, the change sequence last), after the cursor's row, which
-//! only the follower takes.
+//! on licences. Each effect locks in the order of `licences` (pools by offer, then assignment
+//! rows, the change sequence last), after the cursor's row, which only the follower takes.
 //!
 //! A deletion writes the user's mark, then locks every pool of the directory, then sets the
-//! user's assignments aside. An assignment (`licences::assign_batch`) inserts its row, locks
-//! its pool, then reads the marks. On PostgreSQL, if the assignment locked the pool first,
+//! user's assignments aside. An assignment (`licences::assign_batch`) locks its pool, then
+//! inserts its row with a statement that skips users marked deleted. On PostgreSQL, if the assignment locked the pool first,
 //! the deletion waits for its commit and then finds its row; if the deletion locked the pools
-//! first, the assignment waits for its commit and then finds the mark. Either way the
+//! first, the assignment waits for its commit, and its insert (whose snapshot is taken after
+//! that wait) finds the mark. Either way the
 //! assignment does not outlive the deletion.
 
 use async_trait::async_trait;
@@ -173,10 +173,19 @@ async fn give_back(
         .map(assignment_from_row)
         .collect::<Result<Vec<Assignment>, _>>()?;
     kept.sort_by_key(|a| a.offer.id);
-    // The rows first, then the pools (this module's lock order); a row without a free seat
-    // goes again.
-    let mut back = Vec::with_capacity(kept.len());
-    for a in kept {
+    // Pool by pool (this module's lock order: the pool, then the row): a seat, then the row;
+    // a row the user holds already (assigned since the restore) gives its seat back.
+    let mut recorded = Vec::with_capacity(kept.len());
+    for a in &kept {
+        let took = sqlx::query(TAKE_SEAT)
+            .bind(&a.directory_id)
+            .bind(a.offer.id)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        if took == 0 {
+            continue;
+        }
         let inserted = sqlx::query(
             "INSERT INTO license_assignments (directory_id, user_id, offer_id, assign_time) \
              VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
@@ -188,29 +197,12 @@ async fn give_back(
         .execute(&mut **tx)
         .await?
         .rows_affected();
-        // Not inserted: the user holds that licence already (assigned since the restore).
-        if inserted == 1 {
-            back.push(a);
-        }
-    }
-    let mut recorded = Vec::with_capacity(back.len());
-    for a in &back {
-        let took = sqlx::query(TAKE_SEAT)
-            .bind(&a.directory_id)
-            .bind(a.offer.id)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected();
-        if took == 0 {
-            sqlx::query(
-                "DELETE FROM license_assignments \
-                 WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3",
-            )
-            .bind(&a.directory_id)
-            .bind(&a.user_id)
-            .bind(a.offer.id)
-            .execute(&mut **tx)
-            .await?;
+        if inserted == 0 {
+            sqlx::query(FREE_SEAT)
+                .bind(&a.directory_id)
+                .bind(a.offer.id)
+                .execute(&mut **tx)
+                .await?;
             continue;
         }
         recorded.push(changes::assignment(ChangeKind::LicenseAssigned, a, now)?);

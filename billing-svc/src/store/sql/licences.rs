@@ -5,12 +5,10 @@
 //! writers on any number of replicas cannot both take the last seat.
 //!
 //! Locks are taken in one order by every transaction, so none waits on another in a circle
-//! (PostgreSQL; SQLite has one writer): a subscription's row, then new assignment rows (an
-//! insert waits only for another transaction's insert or delete of the same key), then pool
-//! rows (by directory and offer), then the assignment rows a removal deletes, then the change
-//! sequence (the outbox, last). A user's deletion mark (`deleted_license_users`) is written
-//! only by the follower and read by an assignment after it has locked its pool: see
-//! `follow`.
+//! (PostgreSQL; SQLite has one writer): a subscription's row, then pool rows (by directory
+//! and offer), then assignment rows (inserted or deleted), then the change sequence (the
+//! outbox, last). A user's deletion mark (`deleted_license_users`) is written only by the
+//! follower and read by an assignment after it has locked its pool: see `follow`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -343,8 +341,7 @@ fn key(a: &Assignment) -> Key<'_> {
     (a.directory_id.as_str(), a.user_id.as_str(), a.offer.id)
 }
 
-/// `INSERT ... VALUES` of `rows` rows of `cols` placeholders, then `tail`: a statement
-/// whose shape depends on the batch, so it is not kept prepared.
+/// `head VALUES` of `rows` rows of `cols` placeholders, then `tail`.
 fn values_sql(engine: Engine, head: &str, rows: usize, cols: usize, tail: &str) -> String {
     let mut sql = format!("{head} VALUES ");
     engine.push_value_rows(&mut sql, rows, cols);
@@ -352,24 +349,15 @@ fn values_sql(engine: Engine, head: &str, rows: usize, cols: usize, tail: &str) 
     sql
 }
 
-/// `$first, ..., $first + count - 1` (or `?, ...` on SQLite): an `IN` list.
-fn placeholders(engine: Engine, first: usize, count: usize) -> String {
-    (first..first + count)
-        .map(|n| match engine {
-            Engine::Sqlite => "?".to_owned(),
-            Engine::Postgres => format!("${n}"),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Decides and writes a batch of assignments in one transaction, in the lock order of this
-/// module: the new assignments (one insert, which skips those held already); each pool's
-/// seats, taken for as many of its new assignments as it has free, first come first served
-/// (one conditional `UPDATE` per pool, by directory and offer); then, with the pools locked,
-/// the deletion marks of their users (one read): a user the follower has marked deleted
-/// gets nothing, and what it would have got goes back. The outcome of each assignment, in the
-/// batch's order; the same assignment twice is new once and held after.
+/// module: each pool's seats first, as many as it has free for the assignments asking
+/// (one conditional `UPDATE` per pool, by directory and offer); then, with the pools
+/// locked, the assignments in one insert that skips those held already and those of users
+/// the follower has marked deleted (the statement's snapshot is taken after the locks, so it
+/// sees any deletion that held them first: see `follow`). Seats taken beyond what went in go
+/// back, and rows beyond the seats taken are deleted again, last come first (both rare). The
+/// outcome of each assignment, in the batch's order; the same assignment twice is new once and
+/// held after.
 async fn assign_batch(
     conn: &mut PoolConnection<Any>,
     engine: Engine,
@@ -379,37 +367,67 @@ async fn assign_batch(
     use sqlx::Connection as _;
     let mut tx = conn.begin().await?;
 
-    // The new ones, each once: inserted, unless held already (the primary key finds them).
+    // Each assignment once, by pool.
     let mut seen: HashSet<Key<'_>> = HashSet::new();
     let candidates: Vec<&Assignment> = batch
         .iter()
         .map(|p| &p.assignment)
         .filter(|a| seen.insert(key(a)))
         .collect();
-    let sql = values_sql(
-        engine,
-        "INSERT INTO license_assignments (directory_id, user_id, offer_id, assign_time)",
-        candidates.len(),
-        4,
-        " ON CONFLICT DO NOTHING RETURNING directory_id, user_id, offer_id",
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+    let mut by_pool: BTreeMap<(&str, &str), Vec<&Assignment>> = BTreeMap::new();
     for a in &candidates {
-        query = query
-            .bind(a.directory_id.as_str())
-            .bind(a.user_id.as_str())
-            .bind(a.offer.id)
-            .bind(a.assign_time);
+        by_pool
+            .entry((a.directory_id.as_str(), a.offer.id))
+            .or_default()
+            .push(a);
     }
+    let mut seats: HashMap<(&str, &str), usize> = HashMap::new();
+    for (&pool, assignments) in &by_pool {
+        let taken = take_seats(&mut tx, pool.0, pool.1, assignments.len()).await?;
+        seats.insert(pool, taken);
+    }
+
+    // The assignments of pools with seats: inserted unless held or marked deleted.
+    let asking: Vec<&Assignment> = candidates
+        .iter()
+        .copied()
+        .filter(|a| seats.get(&(a.directory_id.as_str(), a.offer.id)) > Some(&0))
+        .collect();
     let mut inserted: HashSet<(String, String, String)> = HashSet::new();
-    for row in query.fetch_all(&mut *tx).await? {
-        inserted.insert((
-            row.try_get("directory_id")?,
-            row.try_get("user_id")?,
-            row.try_get("offer_id")?,
-        ));
+    if let Some(last) = asking.last() {
+        // One of sixteen shapes, so the statement stays prepared: the batch, then its last
+        // row repeated (it conflicts with itself and is skipped).
+        let rows = super::statement_rows(asking.len());
+        let sql = format!(
+            "{} ON CONFLICT DO NOTHING RETURNING directory_id, user_id, offer_id",
+            values_sql(
+                engine,
+                "INSERT INTO license_assignments (directory_id, user_id, offer_id, assign_time) \
+                 SELECT column1, column2, column3, column4 FROM (",
+                rows,
+                4,
+                ") AS v WHERE NOT EXISTS \
+                 (SELECT 1 FROM deleted_license_users d WHERE d.user_id = v.column2)",
+            )
+        );
+        let repeats = std::iter::repeat_n(last, rows - asking.len());
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for a in asking.iter().chain(repeats) {
+            query = query
+                .bind(a.directory_id.as_str())
+                .bind(a.user_id.as_str())
+                .bind(a.offer.id)
+                .bind(a.assign_time);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            inserted.insert((
+                row.try_get("directory_id")?,
+                row.try_get("user_id")?,
+                row.try_get("offer_id")?,
+            ));
+        }
     }
-    let is_new = |a: &Assignment| {
+    let went_in = |a: &Assignment| {
         inserted.contains(&(
             a.directory_id.clone(),
             a.user_id.clone(),
@@ -417,9 +435,41 @@ async fn assign_batch(
         ))
     };
 
-    // The licences held already, as stored (rare: a repeated assignment).
+    // Each pool: rows beyond its seats out again; seats beyond its rows back.
+    let mut kept: HashSet<Key<'_>> = HashSet::new();
+    for (pool, assignments) in &by_pool {
+        let taken = seats.get(pool).copied().unwrap_or(0);
+        let rows: Vec<&&Assignment> = assignments.iter().filter(|a| went_in(a)).collect();
+        for a in rows.iter().skip(taken) {
+            sqlx::query(
+                "DELETE FROM license_assignments \
+                 WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3",
+            )
+            .bind(a.directory_id.as_str())
+            .bind(a.user_id.as_str())
+            .bind(a.offer.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        kept.extend(rows.iter().take(taken).map(|a| key(a)));
+        let unused = taken.saturating_sub(rows.len());
+        if unused > 0 {
+            sqlx::query(
+                "UPDATE license_pools SET consumed = consumed - $3 \
+                 WHERE directory_id = $1 AND offer_id = $2",
+            )
+            .bind(pool.0)
+            .bind(pool.1)
+            .bind(i64::try_from(unused).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+
+    // Why the others did not go in (rare): held already, or the user marked deleted.
     let mut held: HashMap<Key<'_>, Assignment> = HashMap::new();
-    for a in candidates.iter().filter(|a| !is_new(a)) {
+    let mut deleted: HashSet<&str> = HashSet::new();
+    for a in asking.iter().filter(|a| !went_in(a)) {
         let stored: Option<i64> = sqlx::query_scalar(
             "SELECT assign_time FROM license_assignments \
              WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3",
@@ -429,76 +479,25 @@ async fn assign_batch(
         .bind(a.offer.id)
         .fetch_optional(&mut *tx)
         .await?;
-        let assign_time = stored.unwrap_or(a.assign_time);
-        held.insert(
-            key(a),
-            Assignment {
-                assign_time,
-                ..(*a).clone()
-            },
-        );
+        match stored {
+            Some(assign_time) => {
+                held.insert(
+                    key(a),
+                    Assignment {
+                        assign_time,
+                        ..(*a).clone()
+                    },
+                );
+            }
+            None => {
+                deleted.insert(a.user_id.as_str());
+            }
+        }
     }
 
-    // Each pool's seats, for as many of its new assignments as it has free.
-    let new: Vec<&Assignment> = candidates.iter().copied().filter(|a| is_new(a)).collect();
-    let mut by_pool: BTreeMap<(&str, &str), Vec<&Assignment>> = BTreeMap::new();
-    for a in &new {
-        by_pool
-            .entry((a.directory_id.as_str(), a.offer.id))
-            .or_default()
-            .push(a);
-    }
-    let mut granted: HashSet<Key<'_>> = HashSet::new();
-    for ((directory, offer), assignments) in &by_pool {
-        let seats = take_seats(&mut tx, directory, offer, assignments.len()).await?;
-        granted.extend(assignments.iter().take(seats).map(|a| key(a)));
-    }
-
-    // With the pools locked: which of the users the follower has marked deleted.
-    let users: Vec<&str> = new
+    let changes = candidates
         .iter()
-        .map(|a| a.user_id.as_str())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let mut deleted: HashSet<String> = HashSet::new();
-    if !users.is_empty() {
-        let sql = format!(
-            "SELECT user_id FROM deleted_license_users WHERE user_id IN ({})",
-            placeholders(engine, 1, users.len())
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
-        for user in &users {
-            query = query.bind(*user);
-        }
-        for row in query.fetch_all(&mut *tx).await? {
-            deleted.insert(row.try_get("user_id")?);
-        }
-    }
-
-    // What stays: granted, of a user not deleted. The rest is taken out again (rare).
-    let kept = |a: &Assignment| granted.contains(&key(a)) && !deleted.contains(&a.user_id);
-    for a in new.iter().filter(|a| !kept(a)) {
-        if granted.contains(&key(a)) {
-            sqlx::query(FREE_SEAT)
-                .bind(a.directory_id.as_str())
-                .bind(a.offer.id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(
-            "DELETE FROM license_assignments \
-             WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3",
-        )
-        .bind(a.directory_id.as_str())
-        .bind(a.user_id.as_str())
-        .bind(a.offer.id)
-        .execute(&mut *tx)
-        .await?;
-    }
-    let changes = new
-        .iter()
-        .filter(|a| kept(a))
+        .filter(|a| kept.contains(&key(a)))
         .map(|a| changes::assignment(ChangeKind::LicenseAssigned, a, a.assign_time))
         .collect::<Result<Vec<_>, _>>()?;
     if changes.is_empty() {
@@ -513,19 +512,21 @@ async fn assign_batch(
         .iter()
         .map(|pending| {
             let a = &pending.assignment;
-            let first = firsts.get(&key(a));
             if let Some(stored) = held.get(&key(a)) {
-                Assigned::Held(stored.clone())
-            } else if deleted.contains(&a.user_id) {
-                Assigned::UserDeleted
-            } else if let Some(first) = first.filter(|first| kept(first)) {
-                if std::ptr::eq(*first, a) {
-                    Assigned::New(a.clone())
-                } else {
-                    Assigned::Held((*first).clone())
+                return Assigned::Held(stored.clone());
+            }
+            if deleted.contains(a.user_id.as_str()) {
+                return Assigned::UserDeleted;
+            }
+            match firsts.get(&key(a)) {
+                Some(first) if kept.contains(&key(first)) => {
+                    if std::ptr::eq(*first, a) {
+                        Assigned::New(a.clone())
+                    } else {
+                        Assigned::Held((*first).clone())
+                    }
                 }
-            } else {
-                Assigned::NoSeat
+                _ => Assigned::NoSeat,
             }
         })
         .collect())
