@@ -21,7 +21,9 @@ SELECT directory_id, offer_id, SUM(seats), 0 FROM subscriptions
 WHERE state = 1 AND seats > 0
 GROUP BY directory_id, offer_id;
 
--- The key is ListLicenseAssignments' order within a directory (user, then offer).
+-- The key is ListLicenseAssignments' order within a directory (user, then offer); a list
+-- filtered by offer reads it too, skipping the other offers' rows. No index by offer: it cost
+-- assignments a sixth of their throughput on SQLite (docs/decisions/licence-batches.md).
 CREATE TABLE license_assignments (
     directory_id TEXT   NOT NULL,
     user_id      TEXT   NOT NULL,

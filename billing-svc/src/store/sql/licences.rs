@@ -55,8 +55,8 @@ pub(super) const ADD_POOL_SEATS: &str = "INSERT INTO license_pools (directory_id
      VALUES ($1, $2, $3, 0) ON CONFLICT (directory_id, offer_id) \
      DO UPDATE SET enabled = license_pools.enabled + excluded.enabled";
 
-/// Pages of a directory's assignments, by user then offer (the primary key's order, or
-/// `license_assignments_by_offer`'s for one offer).
+/// Pages of a directory's assignments, by user then offer (the primary key's order; for one
+/// offer, the key's range read with the other offers' rows skipped).
 const LIST_ALL: &str = "SELECT directory_id, user_id, offer_id, assign_time FROM license_assignments \
      WHERE directory_id = $1 AND (user_id > $2 OR (user_id = $2 AND offer_id > $3)) \
      ORDER BY user_id, offer_id LIMIT $4";
