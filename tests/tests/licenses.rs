@@ -344,11 +344,18 @@ async fn assign_remove_and_list_follow_the_rules(backend: Backend) {
     );
     assert_eq!(foreign.message(), unknown.message());
 
-    // The last seat, then none.
+    // The last seat, then none; a licence held already still comes back as it is.
     w.bill
         .assign_license(assign(&tricia.id, E3, &kelley))
         .await
         .expect("Kelley assigns Tricia the last seat");
+    let held = w
+        .bill
+        .assign_license(assign(&jane.id, E3, &lisa))
+        .await
+        .expect("Jane's licence, held already, on a full pool")
+        .into_inner();
+    assert_eq!(held, first);
     expect_err(
         w.bill
             .assign_license(assign(&w.contoso.admin.id, E3, &lisa))

@@ -32,7 +32,13 @@ impl GrpcDirectoryFeed {
 
 fn ended(status: &tonic::Status) -> FeedEnd {
     match status.code() {
+        // The directory's only OUT_OF_RANGE on WatchChanges: CURSOR_EXPIRED.
         Code::OutOfRange => FeedEnd::Expired,
+        // Answers about the token or the request: an operator must act (the wrong token
+        // file, a directory of another deployment). Tried again all the same.
+        code @ (Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument) => {
+            FeedEnd::Refused(format!("{code:?}: {}", status.message()))
+        }
         code => FeedEnd::Broken(format!("{code:?}: {}", status.message())),
     }
 }
@@ -86,7 +92,11 @@ impl DirectoryFeed for GrpcDirectoryFeed {
             .watch_changes(request)
             .await
             .map_err(|status| {
-                self.directory.mark_down(replica);
+                if std::error::Error::source(&status).is_some()
+                    || status.code() == Code::Unavailable
+                {
+                    self.directory.mark_down(replica);
+                }
                 ended(&status)
             })?
             .into_inner();

@@ -57,7 +57,9 @@ pub enum FeedEnd {
     NoToken,
     /// The stored cursor is older than the directory keeps changes.
     Expired,
-    /// Unreachable, refused, ended: worth trying again.
+    /// The directory refused the token or the request: worth telling an operator.
+    Refused(String),
+    /// Unreachable, failing, ended: worth trying again.
     Broken(String),
 }
 
@@ -153,6 +155,7 @@ impl Follower {
     /// Follows until `stop` turns true, then gives the lease up.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut said_no_token = false;
+        let mut said_refused: Option<String> = None;
         loop {
             let turn = self.turn(&mut stop).await.unwrap_or_else(Turn::Store);
             metrics::gauge!("billing_directory_follower_holding").set(0.0);
@@ -179,6 +182,12 @@ impl Follower {
                         tracing::warn!(error = %err, "cannot reset the directory cursor");
                     }
                     continue;
+                }
+                Turn::Feed(FeedEnd::Refused(why)) => {
+                    if said_refused.as_deref() != Some(why.as_str()) {
+                        tracing::warn!(%why, "the directory refuses billing's service token or request; retrying every second (check --directory-service-token-file)");
+                        said_refused = Some(why);
+                    }
                 }
                 Turn::Feed(FeedEnd::Broken(why)) => {
                     tracing::debug!(%why, "directory feed unavailable; retrying");

@@ -740,6 +740,47 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// A purge frees what is still assigned (the user's deletion was missed, say after the
+    /// cursor expired), and drops what was set aside.
+    #[tokio::test]
+    async fn a_purge_frees_what_is_still_assigned() {
+        use crate::domain::follow::{FollowerStore as _, UserChange, UserRef};
+        let (pool, dir) = sqlite_pool("purge").await;
+        let store = SqlStore::new(pool.clone(), Engine::Sqlite)
+            .await
+            .expect("migrates");
+        for sql in [
+            "INSERT INTO license_pools (directory_id, offer_id, enabled, consumed) \
+             VALUES ('d', 'office365-e3', 2, 1)",
+            "INSERT INTO license_assignments (directory_id, user_id, offer_id, assign_time) \
+             VALUES ('d', 'u', 'office365-e3', 1)",
+        ] {
+            sqlx::query(sql).execute(&pool).await.expect("inserts");
+        }
+        let purged = UserChange::Purged(UserRef {
+            user_id: "u".into(),
+            directory_id: "d".into(),
+        });
+        assert!(
+            store
+                .advance("", "c1", Some(&purged), 2)
+                .await
+                .expect("purge")
+        );
+        let (assigned, aside, consumed): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM license_assignments), \
+             (SELECT COUNT(*) FROM licenses_set_aside), \
+             (SELECT consumed FROM license_pools WHERE offer_id = 'office365-e3')",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("counts");
+        assert_eq!((assigned, aside, consumed), (0, 0, 0));
+        drop(store);
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// Migration 5 counts the pools of the subscriptions bought before licences existed:
     /// the seats of each directory's active per-seat subscriptions, by offer.
     #[tokio::test]

@@ -3,13 +3,14 @@
 //! on licences. Each effect locks in the order of `licences` (pools by offer, then assignment
 //! rows, the change sequence last), after the cursor's row, which only the follower takes.
 //!
-//! A deletion writes the user's mark, then locks every pool of the directory, then sets the
-//! user's assignments aside. An assignment (`licences::assign_batch`) locks its pool, then
-//! inserts its row with a statement that skips users marked deleted. On PostgreSQL, if the assignment locked the pool first,
-//! the deletion waits for its commit and then finds its row; if the deletion locked the pools
-//! first, the assignment waits for its commit, and its insert (whose snapshot is taken after
-//! that wait) finds the mark. Either way the
-//! assignment does not outlive the deletion.
+//! A deletion writes the user's mark, then locks every pool the directory can have (creating
+//! the missing ones empty, so a first purchase of an offer waits too), then sets the user's
+//! assignments aside. An assignment (`licences::assign_batch`) locks its pool, then inserts
+//! its row with a statement that skips users marked deleted. On PostgreSQL, if the
+//! assignment locked the pool first, the deletion waits for its commit and then finds its
+//! row; if the deletion locked the pools first, the assignment waits for its commit, and its
+//! insert (whose snapshot is taken after that wait) finds the mark. Either way the assignment
+//! does not outlive the deletion.
 
 use async_trait::async_trait;
 use sqlx::{Any, Transaction};
@@ -17,9 +18,11 @@ use storage::feed::NewChange;
 
 use super::super::changes;
 use super::SqlStore;
-use super::licences::{FREE_SEAT, LOCK_DIRECTORY_POOLS, TAKE_SEAT, assignment_from_row};
+use super::licences::{FREE_SEAT, TAKE_SEAT, assignment_from_row};
 use crate::domain::follow::{FollowerStore, UserChange, UserRef};
+use crate::domain::licences::licensable;
 use crate::domain::model::{Assignment, ChangeKind};
+use crate::domain::offers;
 use crate::store::StoreError;
 
 /// Marks the user as deleted.
@@ -70,13 +73,14 @@ impl FollowerStore for SqlStore {
             Some(UserChange::Deleted(user)) => set_aside(&mut tx, user, now).await?,
             Some(UserChange::Restored(user)) => give_back(&mut tx, user, now).await?,
             Some(UserChange::Purged(user)) => {
-                mark(&mut tx, user, true).await?;
-                // Purged: the user is gone for good; what was set aside goes with it.
+                // Gone for good: as a deletion (which frees what is still assigned, if the
+                // deletion itself was missed), then what was set aside goes too.
+                let removed = set_aside(&mut tx, user, now).await?;
                 sqlx::query("DELETE FROM licenses_set_aside WHERE user_id = $1")
                     .bind(&user.user_id)
                     .execute(&mut *tx)
                     .await?;
-                Vec::new()
+                removed
             }
         };
         self.outbox.record(&mut tx, &recorded).await?;
@@ -87,6 +91,31 @@ impl FollowerStore for SqlStore {
         }
         Ok(true)
     }
+}
+
+/// Locks every pool the directory can have, in offer order (this module's lock order): one
+/// row per per-seat Office 365 offer, created empty where the directory has none yet, so a
+/// purchase that would create one waits too. An assignment locks its pool before it reads
+/// the deletion marks, so none can slip past a deletion holding these.
+async fn lock_pools(tx: &mut Transaction<'_, Any>, directory_id: &str) -> sqlx::Result<()> {
+    let mut offers: Vec<&str> = offers::CATALOGUE
+        .iter()
+        .filter(|offer| licensable(offer))
+        .map(|offer| offer.id)
+        .collect();
+    offers.sort_unstable();
+    for offer in offers {
+        sqlx::query(
+            "INSERT INTO license_pools (directory_id, offer_id, enabled, consumed) \
+             VALUES ($1, $2, 0, 0) ON CONFLICT (directory_id, offer_id) \
+             DO UPDATE SET consumed = license_pools.consumed",
+        )
+        .bind(directory_id)
+        .bind(offer)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 async fn mark(tx: &mut Transaction<'_, Any>, user: &UserRef, deleted: bool) -> sqlx::Result<()> {
@@ -113,10 +142,7 @@ async fn set_aside(
     now: i64,
 ) -> sqlx::Result<Vec<NewChange>> {
     mark(tx, user, true).await?;
-    sqlx::query(LOCK_DIRECTORY_POOLS)
-        .bind(&user.directory_id)
-        .execute(&mut **tx)
-        .await?;
+    lock_pools(tx, &user.directory_id).await?;
     let rows = sqlx::query(
         "DELETE FROM license_assignments WHERE directory_id = $1 AND user_id = $2 \
          RETURNING directory_id, user_id, offer_id, assign_time",

@@ -37,10 +37,6 @@ const TAKE_SEATS: &str = "UPDATE license_pools SET consumed = consumed + $3 \
 const LOCK_POOL: &str = "UPDATE license_pools SET consumed = consumed \
      WHERE directory_id = $1 AND offer_id = $2";
 
-/// Locks every pool row of a directory (in key order), changing nothing.
-pub(super) const LOCK_DIRECTORY_POOLS: &str =
-    "UPDATE license_pools SET consumed = consumed WHERE directory_id = $1";
-
 /// Gives a seat back.
 pub(super) const FREE_SEAT: &str = "UPDATE license_pools SET consumed = consumed - 1 \
      WHERE directory_id = $1 AND offer_id = $2";
@@ -349,6 +345,17 @@ fn values_sql(engine: Engine, head: &str, rows: usize, cols: usize, tail: &str) 
     sql
 }
 
+/// `$first, ..., $first + count - 1` (or `?, ...` on SQLite): an `IN` list.
+fn placeholders(engine: Engine, first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| match engine {
+            Engine::Sqlite => "?".to_owned(),
+            Engine::Postgres => format!("${n}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Decides and writes a batch of assignments in one transaction, in the lock order of this
 /// module: each pool's seats first, as many as it has free for the assignments asking
 /// (one conditional `UPDATE` per pool, by directory and offer); then, with the pools
@@ -466,32 +473,56 @@ async fn assign_batch(
         }
     }
 
-    // Why the others did not go in (rare): held already, or the user marked deleted.
+    // Why the others did not go in (rare): held already, the user marked deleted, or no seat.
+    // Read for every assignment that did not go in, also those of a pool without a free seat
+    // (a licence held already is returned as it is, even when the pool is full).
+    let missed: Vec<&Assignment> = candidates.iter().copied().filter(|a| !went_in(a)).collect();
     let mut held: HashMap<Key<'_>, Assignment> = HashMap::new();
-    let mut deleted: HashSet<&str> = HashSet::new();
-    for a in asking.iter().filter(|a| !went_in(a)) {
-        let stored: Option<i64> = sqlx::query_scalar(
-            "SELECT assign_time FROM license_assignments \
-             WHERE directory_id = $1 AND user_id = $2 AND offer_id = $3",
-        )
-        .bind(a.directory_id.as_str())
-        .bind(a.user_id.as_str())
-        .bind(a.offer.id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        match stored {
-            Some(assign_time) => {
-                held.insert(
-                    key(a),
-                    Assignment {
-                        assign_time,
-                        ..(*a).clone()
-                    },
-                );
+    let mut deleted: HashSet<String> = HashSet::new();
+    if !missed.is_empty() {
+        let directories: Vec<&str> = missed
+            .iter()
+            .map(|a| a.directory_id.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let users: Vec<&str> = missed
+            .iter()
+            .map(|a| a.user_id.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        // The primary key's prefix: the batch's directories, then its users.
+        let sql = format!(
+            "SELECT directory_id, user_id, offer_id, assign_time FROM license_assignments \
+             WHERE directory_id IN ({}) AND user_id IN ({})",
+            placeholders(engine, 1, directories.len()),
+            placeholders(engine, directories.len() + 1, users.len()),
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+        for directory in &directories {
+            query = query.bind(*directory);
+        }
+        for user in &users {
+            query = query.bind(*user);
+        }
+        let wanted: HashMap<Key<'_>, &Assignment> = missed.iter().map(|a| (key(a), *a)).collect();
+        for row in query.fetch_all(&mut *tx).await? {
+            let stored = assignment_from_row(&row)?;
+            if let Some(a) = wanted.get(&key(&stored)) {
+                held.insert(key(a), stored);
             }
-            None => {
-                deleted.insert(a.user_id.as_str());
-            }
+        }
+        let sql = format!(
+            "SELECT user_id FROM deleted_license_users WHERE user_id IN ({})",
+            placeholders(engine, 1, users.len())
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+        for user in &users {
+            query = query.bind(*user);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            deleted.insert(row.try_get("user_id")?);
         }
     }
 
@@ -507,6 +538,8 @@ async fn assign_batch(
         tx.commit().await?;
     }
 
+    // Each outcome by its own assignment: held, new (or the same as the batch's first), the
+    // user marked deleted, or no seat.
     let firsts: HashMap<Key<'_>, &Assignment> = candidates.iter().map(|a| (key(a), *a)).collect();
     Ok(batch
         .iter()
@@ -514,9 +547,6 @@ async fn assign_batch(
             let a = &pending.assignment;
             if let Some(stored) = held.get(&key(a)) {
                 return Assigned::Held(stored.clone());
-            }
-            if deleted.contains(a.user_id.as_str()) {
-                return Assigned::UserDeleted;
             }
             match firsts.get(&key(a)) {
                 Some(first) if kept.contains(&key(first)) => {
@@ -526,6 +556,7 @@ async fn assign_batch(
                         Assigned::Held((*first).clone())
                     }
                 }
+                _ if deleted.contains(&a.user_id) => Assigned::UserDeleted,
                 _ => Assigned::NoSeat,
             }
         })
