@@ -62,6 +62,10 @@ impl platform::launch::Server for Application {
         if let Some(peers) = &database.peers {
             store = store.with_peers(peers.clone());
         }
+        store
+            .end_old_trials(config.free_trial_period)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot set the end of older trials: {e:?}"))?;
         let follower = Follower::new(
             Arc::new(store.clone()),
             Arc::new(GrpcDirectoryFeed::new(
@@ -79,13 +83,14 @@ impl platform::launch::Server for Application {
             PageTokens::new(&page_key),
             config.clock.clone(),
         );
-        let service = Arc::new(service);
+        let service = Arc::new(service.with_free_trial_period(config.free_trial_period));
         let removal = service.clone();
         let retention = config.change_retention;
         feed.remove_in_background(
             move || removal.change_cutoff(retention),
             config.remove_every,
         );
+        let trials = service.clone();
         let api = BillingApi::new(
             service,
             feed.clone(),
@@ -113,6 +118,27 @@ impl platform::launch::Server for Application {
                 streams.close();
                 let _ = stop_following.send(true);
             })
-            .with_background(follower.run(stopped)))
+            .with_background(async move {
+                tokio::join!(
+                    follower.run(stopped.clone()),
+                    record_trial_ends(trials, stopped)
+                );
+            }))
+    }
+}
+
+/// Every second, records the end of the free trials whose end has come (one
+/// `SUBSCRIPTION_UPDATED` each, within about a second of it), until `stop` turns true.
+async fn record_trial_ends(service: Arc<Service>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(err) = service.record_trial_ends().await {
+            tracing::warn!(error = %err, "cannot record the end of free trials; trying again");
+        }
     }
 }

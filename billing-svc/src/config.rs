@@ -57,6 +57,11 @@ pub struct Cli {
     #[arg(long, default_value = "data/service-token")]
     pub directory_service_token_file: PathBuf,
 
+    /// How long an azure-free-trial subscription lasts before it expires (unless upgraded):
+    /// `30d`, `12h`, `90s`.
+    #[arg(long, default_value = "30d", value_parser = platform::launch::human_duration)]
+    pub free_trial_period: Duration,
+
     #[command(flatten)]
     pub feed: FeedFlags,
 }
@@ -96,6 +101,8 @@ pub struct Config {
     pub directory_service_token_file: PathBuf,
     /// The directory follower's lease and pace.
     pub follow: FollowSettings,
+    /// How long a free trial lasts.
+    pub free_trial_period: Duration,
 }
 
 impl Config {
@@ -121,6 +128,7 @@ impl Config {
             remove_every: REMOVE_EVERY,
             directory_service_token_file: PathBuf::from("data/service-token"),
             follow: FollowSettings::default(),
+            free_trial_period: crate::domain::DEFAULT_FREE_TRIAL_PERIOD,
         }
     }
 }
@@ -192,6 +200,7 @@ impl TryFrom<&Cli> for Config {
             remove_every: REMOVE_EVERY,
             directory_service_token_file: cli.directory_service_token_file.clone(),
             follow: FollowSettings::default(),
+            free_trial_period: cli.free_trial_period,
         })
     }
 }

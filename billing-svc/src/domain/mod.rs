@@ -117,7 +117,13 @@ pub struct Service {
     directory: Arc<dyn Authorizer>,
     pages: PageTokens,
     clock: Arc<dyn Clock>,
+    /// How long a free trial lasts.
+    free_trial_period: std::time::Duration,
 }
+
+/// How long a free trial lasts unless configured otherwise (Azure's 30 days).
+pub const DEFAULT_FREE_TRIAL_PERIOD: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
 
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -146,7 +152,30 @@ impl Service {
             directory,
             pages,
             clock,
+            free_trial_period: DEFAULT_FREE_TRIAL_PERIOD,
         }
+    }
+
+    /// Free trials last `period`.
+    pub fn with_free_trial_period(self, period: std::time::Duration) -> Self {
+        Self {
+            free_trial_period: period,
+            ..self
+        }
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_micros()
+    }
+
+    /// Records the end of every free trial whose `end_time` has come (one
+    /// `SUBSCRIPTION_UPDATED` each, once whatever the number of replicas): what a background
+    /// task calls every second. Reads do not wait for it (`Subscription::as_of`).
+    pub async fn record_trial_ends(&self) -> Result<usize> {
+        self.store
+            .expire_trials(self.now())
+            .await
+            .map_err(store_error)
     }
 
     pub fn list_offers(&self) -> &'static [Offer] {
@@ -181,6 +210,7 @@ impl Service {
             .await
             .map_err(store_error)?
             .filter(|s| s.directory_id == caller.directory_id)
+            .map(|s| s.as_of(self.now()))
             .ok_or(Error::NotFound)
     }
 
@@ -217,6 +247,7 @@ impl Service {
         // instead of a random page of it, so a commit writes far fewer pages (WAL on both
         // engines, full-page images on PostgreSQL). 74 of its bits are still random
         // (docs/decisions/time-ordered-ids.md).
+        let create_time = self.clock.now_micros();
         let subscription = Subscription {
             id: uuid::Uuid::now_v7().to_string(),
             offer: new.offer,
@@ -229,12 +260,17 @@ impl Service {
             seats: new.seats,
             state: State::Active,
             created_by_user_id: caller.user_id.clone(),
-            create_time: self.clock.now_micros(),
+            create_time,
             cancel_time: None,
+            end_time: new.offer.free_trial.then(|| {
+                create_time.saturating_add(
+                    i64::try_from(self.free_trial_period.as_micros()).unwrap_or(i64::MAX),
+                )
+            }),
         };
         let request = request_id.as_deref().map(|r| (r, fingerprint.as_str()));
         match self.store.insert(&subscription, request).await {
-            Ok(()) => Ok(subscription),
+            Ok(()) => Ok(subscription.as_of(self.now())),
             Err(StoreError::Conflict) => {
                 // An earlier or concurrent call with this request_id holds the index: answer
                 // with its row (or refuse a reused request_id).
@@ -272,7 +308,7 @@ impl Service {
             .await
             .map_err(store_error)?
         {
-            Some((first, stored)) if stored == fingerprint => Ok(Some(first)),
+            Some((first, stored)) if stored == fingerprint => Ok(Some(first.as_of(self.now()))),
             Some(_) => Err(Error::RequestIdReused),
             None => Ok(None),
         }
@@ -328,8 +364,9 @@ impl Service {
             }
             _ => String::new(),
         };
+        let now = self.now();
         Ok(SubscriptionPage {
-            subscriptions,
+            subscriptions: subscriptions.into_iter().map(|s| s.as_of(now)).collect(),
             next_page_token,
         })
     }
@@ -355,6 +392,7 @@ impl Service {
             .cancel(&subscription.id, self.clock.now_micros())
             .await
             .map_err(store_error)?
+            .map(|s| s.as_of(self.now()))
             .ok_or(Error::NotFound)
     }
 }

@@ -7,6 +7,8 @@ use super::offers::{self, Offer};
 pub enum State {
     Active,
     Cancelled,
+    /// A free trial past its end.
+    Expired,
 }
 
 impl State {
@@ -14,6 +16,7 @@ impl State {
         match self {
             State::Active => 1,
             State::Cancelled => 2,
+            State::Expired => 3,
         }
     }
 
@@ -21,6 +24,7 @@ impl State {
         match code {
             1 => Some(State::Active),
             2 => Some(State::Cancelled),
+            3 => Some(State::Expired),
             _ => None,
         }
     }
@@ -41,9 +45,20 @@ pub struct Subscription {
     /// Microseconds since the Unix epoch.
     pub create_time: i64,
     pub cancel_time: Option<i64>,
+    /// When a free trial ends; `None` on other subscriptions.
+    pub end_time: Option<i64>,
 }
 
 impl Subscription {
+    /// The subscription as it reads at `now`: an active trial whose end has come is expired,
+    /// whether or not the task that records its end has run yet.
+    pub fn as_of(mut self, now: i64) -> Self {
+        if self.state == State::Active && self.end_time.is_some_and(|end| end <= now) {
+            self.state = State::Expired;
+        }
+        self
+    }
+
     /// The keyset position of this subscription in list order.
     pub fn list_key(&self) -> String {
         format!("{}|{}", self.create_time, self.id)

@@ -55,6 +55,11 @@ pub trait BillingStore: Send + Sync + 'static {
     /// [`StoreError::LicensesInUse`].
     async fn cancel(&self, id: &str, now: i64) -> Result<Option<Subscription>, StoreError>;
 
+    /// Marks expired every active free trial whose `end_time` is at or before `now`, recording
+    /// a `SUBSCRIPTION_UPDATED` for each in the same transaction; a trial is marked once,
+    /// whatever the number of replicas doing this at once. How many it marked.
+    async fn expire_trials(&self, now: i64) -> Result<usize, StoreError>;
+
     /// Sets the seats of an active per-seat subscription, and its pool's with them, unless
     /// the pool's assigned licences need more. `None`: no such subscription.
     async fn change_seats(

@@ -105,6 +105,12 @@ impl BillingStore for CachedStore {
             .await
     }
 
+    /// Not through the cache: a cached trial reads as expired from its `end_time` on
+    /// (`Subscription::as_of`), so its copy needs no invalidation for this.
+    async fn expire_trials(&self, now: i64) -> Result<usize, StoreError> {
+        self.inner.expire_trials(now).await
+    }
+
     async fn assign(&self, assignment: &Assignment) -> Result<Assigned, StoreError> {
         self.inner.assign(assignment).await
     }

@@ -25,6 +25,8 @@ struct Stored {
     create_time: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cancel_time: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    end_time: Option<i64>,
 }
 
 /// A licence assignment as a change shows it.
@@ -71,6 +73,7 @@ pub fn subscription(
         created_by_user_id: s.created_by_user_id.clone(),
         create_time: s.create_time,
         cancel_time: s.cancel_time,
+        end_time: s.end_time,
     };
     Ok(NewChange {
         time,
@@ -110,6 +113,7 @@ pub fn decode(kind: i64, resource: &str) -> Result<ChangeRecord, String> {
                 created_by_user_id: s.created_by_user_id,
                 create_time: s.create_time,
                 cancel_time: s.cancel_time,
+                end_time: s.end_time,
             })
         }
     };

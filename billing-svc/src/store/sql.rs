@@ -54,17 +54,17 @@ struct Pending {
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// Most subscriptions one statement inserts (13 parameters each, within both engines' limits).
+/// Most subscriptions one statement inserts (14 parameters each, within both engines' limits).
 const MAX_BATCH: usize = 256;
 
 /// The columns a [`Subscription`] is read from.
 const SELECT_COLUMNS: &str = "id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
-     created_by_user_id, create_time, cancel_time";
+     created_by_user_id, create_time, cancel_time, end_time";
 
 /// A page of a directory's subscriptions (index `subscriptions_by_directory`): directory,
 /// then the keyset (create_time, id) to start after, then the page size.
 const LIST_IN_DIRECTORY: &str = "SELECT id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
-     created_by_user_id, create_time, cancel_time FROM subscriptions \
+     created_by_user_id, create_time, cancel_time, end_time FROM subscriptions \
      WHERE directory_id = $1 AND (create_time > $2 OR (create_time = $2 AND id > $3)) \
      ORDER BY create_time, id LIMIT $4";
 
@@ -73,13 +73,14 @@ const LIST_IN_DIRECTORY: &str = "SELECT id, offer_id, display_name, directory_id
 /// a few subscriptions in a large directory reads a few rows: owner, then as
 /// [`LIST_IN_DIRECTORY`].
 const LIST_OWNED: &str = "SELECT id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
-     created_by_user_id, create_time, cancel_time FROM subscriptions \
+     created_by_user_id, create_time, cancel_time, end_time FROM subscriptions \
      WHERE owner_user_id = $1 AND directory_id = $2 \
      AND (create_time > $3 OR (create_time = $3 AND id > $4)) \
      ORDER BY create_time, id LIMIT $5";
 
 const SUBSCRIPTION_COLUMNS: &str = "id, offer_id, display_name, directory_id, owner_user_id, seats, state, \
-     created_by_user_id, create_time, cancel_time, request_id, request_fingerprint, free_trial_user_id";
+     created_by_user_id, create_time, cancel_time, request_id, request_fingerprint, free_trial_user_id, \
+     end_time";
 
 impl SqlStore {
     /// Wraps an open pool on `engine` and brings its schema up to date, and starts the task
@@ -122,6 +123,19 @@ impl SqlStore {
         })
     }
 
+    /// Gives the free trials bought before trials ended (no `end_time`) their end:
+    /// `create_time` + `period`. Run at start; it changes nothing once every trial has one.
+    pub async fn end_old_trials(&self, period: std::time::Duration) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE subscriptions SET end_time = create_time + $1 \
+             WHERE free_trial_user_id IS NOT NULL AND end_time IS NULL",
+        )
+        .bind(i64::try_from(period.as_micros()).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Announces every cancellation to `peers` and waits for them before answering.
     pub fn with_peers(self, peers: Arc<Peers>) -> Self {
         Self {
@@ -160,6 +174,7 @@ fn subscription_from_row(row: &AnyRow) -> Result<Subscription, sqlx::Error> {
         created_by_user_id: row.try_get("created_by_user_id")?,
         create_time: row.try_get("create_time")?,
         cancel_time: row.try_get("cancel_time")?,
+        end_time: row.try_get("end_time")?,
     })
 }
 
@@ -190,7 +205,7 @@ impl BillingStore for SqlStore {
     ) -> Result<Option<(Subscription, String)>, StoreError> {
         let row = sqlx::query(
             "SELECT id, offer_id, display_name, directory_id, owner_user_id, seats, state, created_by_user_id, \
-             create_time, cancel_time, request_fingerprint FROM subscriptions \
+             create_time, cancel_time, end_time, request_fingerprint FROM subscriptions \
              WHERE created_by_user_id = $1 AND request_id = $2",
         )
         .bind(user_id)
@@ -242,13 +257,12 @@ impl BillingStore for SqlStore {
         let turn = self.writers.enter().await;
         let mut tx = self.pool.begin().await?;
         let cancelled = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE subscriptions SET state = $1, cancel_time = $2 WHERE id = $3 AND state = $4 \
+            "UPDATE subscriptions SET state = $1, cancel_time = $2 WHERE id = $3 AND state <> $1 \
              RETURNING {SELECT_COLUMNS}"
         )))
         .bind(State::Cancelled.code())
         .bind(now)
         .bind(id)
-        .bind(State::Active.code())
         .fetch_optional(&mut *tx)
         .await?
         .as_ref()
@@ -294,6 +308,51 @@ impl BillingStore for SqlStore {
         now: i64,
     ) -> Result<Option<SeatsChanged>, StoreError> {
         self.set_seats(id, seats, now).await
+    }
+
+    /// One `UPDATE ... RETURNING` over the free-trial rows (the partial index of one trial
+    /// per user holds exactly them): a trial it changed is one no other transaction changes
+    /// again, so replicas running this at once record each end once.
+    async fn expire_trials(&self, now: i64) -> Result<usize, StoreError> {
+        let turn = self.writers.enter().await;
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE subscriptions SET state = $1 \
+             WHERE free_trial_user_id IS NOT NULL AND state = $2 AND end_time <= $3 \
+             RETURNING {SELECT_COLUMNS}"
+        )))
+        .bind(State::Expired.code())
+        .bind(State::Active.code())
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let ended = rows
+            .iter()
+            .map(subscription_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut recorded = Vec::with_capacity(ended.len());
+        for subscription in &ended {
+            if self.peers.is_some() {
+                storage::peers::announce(&mut tx, SUBSCRIPTIONS, &subscription.id).await?;
+            }
+            recorded.push(changes::subscription(
+                ChangeKind::SubscriptionUpdated,
+                subscription,
+                now,
+            )?);
+        }
+        self.outbox.record(&mut tx, &recorded).await?;
+        tx.commit().await?;
+        drop(turn);
+        self.outbox.committed();
+        if let Some(peers) = &self.peers {
+            peers.settle().await;
+        }
+        Ok(ended.len())
     }
 
     async fn assign(&self, assignment: &Assignment) -> Result<Assigned, StoreError> {
@@ -501,7 +560,8 @@ fn insert_rows(
             .bind(s.cancel_time)
             .bind(request_id)
             .bind(fingerprint)
-            .bind(s.offer.free_trial.then(|| s.created_by_user_id.clone()));
+            .bind(s.offer.free_trial.then(|| s.created_by_user_id.clone()))
+            .bind(s.end_time);
     }
     query
 }
@@ -539,7 +599,7 @@ fn statement_shapes() -> Vec<usize> {
 /// [`Engine::push_value_rows`]), skipping rows that conflict.
 fn build_insert_sql(rows: usize, engine: Engine) -> String {
     let mut sql = format!("INSERT INTO subscriptions ({SUBSCRIPTION_COLUMNS}) VALUES ");
-    engine.push_value_rows(&mut sql, rows, 13);
+    engine.push_value_rows(&mut sql, rows, 14);
     sql.push_str(" ON CONFLICT DO NOTHING");
     sql
 }
@@ -567,10 +627,10 @@ mod tests {
             }
         }
         let postgres = build_insert_sql(2, Engine::Postgres);
-        assert!(postgres.contains("($14, $15,"));
-        assert!(postgres.ends_with("$26) ON CONFLICT DO NOTHING"));
+        assert!(postgres.contains("($15, $16,"));
+        assert!(postgres.ends_with("$28) ON CONFLICT DO NOTHING"));
         let sqlite = build_insert_sql(2, Engine::Sqlite);
-        assert_eq!(sqlite.matches('?').count(), 26);
+        assert_eq!(sqlite.matches('?').count(), 28);
         assert!(!sqlite.contains('$'));
         assert!(sqlite.ends_with("?) ON CONFLICT DO NOTHING"));
     }
@@ -589,6 +649,7 @@ mod tests {
                 created_by_user_id: "buyer".into(),
                 create_time: i64::try_from(n).unwrap_or_default(),
                 cancel_time: None,
+                end_time: None,
             },
             request: Some((request_id.to_owned(), "fingerprint".to_owned())),
             done: oneshot::channel().0,
@@ -776,6 +837,49 @@ mod tests {
         .await
         .expect("counts");
         assert_eq!((assigned, aside, consumed), (0, 0, 0));
+        drop(store);
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Trials bought before trials ended get theirs at start: `create_time` + the period;
+    /// other subscriptions keep none, and a trial that has one keeps it.
+    #[tokio::test]
+    async fn older_trials_get_their_end_at_start() {
+        let (pool, dir) = sqlite_pool("trials").await;
+        let store = SqlStore::new(pool.clone(), Engine::Sqlite)
+            .await
+            .expect("migrates");
+        for (id, offer, trial_user, end) in [
+            ("t1", "azure-free-trial", Some("u1"), None),
+            ("t2", "azure-free-trial", Some("u2"), Some(99)),
+            ("p1", "azure-pay-as-you-go", None, None),
+        ] {
+            sqlx::query(
+                "INSERT INTO subscriptions (id, offer_id, display_name, directory_id, seats, \
+                 state, created_by_user_id, create_time, free_trial_user_id, end_time) \
+                 VALUES ($1, $2, 'x', 'd', 0, 1, 'u', 10, $3, $4)",
+            )
+            .bind(id)
+            .bind(offer)
+            .bind(trial_user)
+            .bind(end)
+            .execute(&pool)
+            .await
+            .expect("inserts");
+        }
+        store
+            .end_old_trials(std::time::Duration::from_micros(5))
+            .await
+            .expect("ends");
+        let ends: Vec<(String, Option<i64>)> =
+            sqlx::query_as("SELECT id, end_time FROM subscriptions ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .expect("reads");
+        let expected = [("p1", None), ("t1", Some(15)), ("t2", Some(99))]
+            .map(|(id, end)| (id.to_owned(), end));
+        assert_eq!(ends, expected);
         drop(store);
         pool.close().await;
         let _ = std::fs::remove_dir_all(dir);

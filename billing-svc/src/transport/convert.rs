@@ -116,10 +116,12 @@ pub fn subscription(s: Subscription) -> pb::Subscription {
         state: match s.state {
             State::Active => pb::SubscriptionState::Active,
             State::Cancelled => pb::SubscriptionState::Cancelled,
+            State::Expired => pb::SubscriptionState::Expired,
         } as i32,
         created_by_user_id: s.created_by_user_id,
         create_time: Some(timestamp(s.create_time)),
         cancel_time: s.cancel_time.map(timestamp),
+        end_time: s.end_time.map(timestamp),
     }
 }
 
