@@ -196,7 +196,248 @@ async fn a_trial_expires_at_its_end_time(backend: Backend) {
     assert_eq!(cancelled.state, bpb::SubscriptionState::Cancelled as i32);
 }
 
-on_both_backends!(a_trial_expires_at_its_end_time);
+fn upgrade(id: &str, offer: &str, token: &str) -> tonic::Request<bpb::UpgradeSubscriptionRequest> {
+    authed(
+        bpb::UpgradeSubscriptionRequest {
+            subscription_id: id.into(),
+            offer_id: offer.into(),
+        },
+        token,
+    )
+}
+
+fn cancel(id: &str, token: &str) -> tonic::Request<bpb::CancelSubscriptionRequest> {
+    authed(
+        bpb::CancelSubscriptionRequest {
+            subscription_id: id.into(),
+        },
+        token,
+    )
+}
+
+const PAYG: &str = "azure-pay-as-you-go";
+
+async fn an_upgrade_keeps_the_subscription(backend: Backend) {
+    let Some(ddb) = TestDb::new(backend).await else {
+        return;
+    };
+    let Some(bdb) = TestDb::new(backend).await else {
+        return;
+    };
+    let clock = ManualClock::at(now_micros());
+    let directory = DirectoryServer::start(&ddb).await;
+    let billing = start_billing(&bdb, &directory, &clock).await;
+    let mut dir = directory.client().await;
+    let mut bill = billing.client().await;
+    let contoso = sign_up(&mut dir, "contoso").await;
+    let kelley = contoso.token.clone();
+    let (bill_admin, bill_token) = add_user(
+        &mut dir,
+        &contoso,
+        "bill",
+        &[integration_tests::contract::directory::v1::Role::BillingAdministrator],
+    )
+    .await;
+    let (_, jane) = add_user(&mut dir, &contoso, "jane", &[]).await;
+
+    // Kelley's trial, upgraded while active: the same id, owner and directory.
+    let trial = buy(&mut bill, &kelley, TRIAL).await.expect("a trial");
+    expect_err(
+        bill.upgrade_subscription(upgrade(&trial.id, PAYG, &jane))
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    let upgraded = bill
+        .upgrade_subscription(upgrade(&trial.id, PAYG, &kelley))
+        .await
+        .expect("upgrade")
+        .into_inner();
+    assert_eq!(
+        (
+            upgraded.id.as_str(),
+            upgraded.owner_user_id.as_str(),
+            upgraded.directory_id.as_str(),
+            upgraded.offer_id.as_str(),
+            upgraded.state,
+            upgraded.end_time
+        ),
+        (
+            trial.id.as_str(),
+            contoso.admin.id.as_str(),
+            contoso.directory.id.as_str(),
+            PAYG,
+            bpb::SubscriptionState::Active as i32,
+            None
+        )
+    );
+    let again = bill
+        .upgrade_subscription(upgrade(&trial.id, PAYG, &kelley))
+        .await
+        .expect("the same again")
+        .into_inner();
+    assert_eq!(again, upgraded);
+    assert_eq!(get(&mut bill, &kelley, &trial.id).await, upgraded);
+    assert_eq!(updates_of(&bdb.url, &trial.id).await, 1);
+    // The one free trial stays used.
+    assert_eq!(
+        buy(&mut bill, &kelley, TRIAL)
+            .await
+            .expect_err("one free trial")
+            .code(),
+        Code::FailedPrecondition
+    );
+
+    // Bill's trial, upgraded once it has expired (by its owner).
+    let expiring = buy(&mut bill, &bill_token, TRIAL).await.expect("a trial");
+    assert_eq!(expiring.owner_user_id, bill_admin.id);
+    clock.advance(PERIOD);
+    assert_eq!(
+        get(&mut bill, &kelley, &expiring.id).await.state,
+        bpb::SubscriptionState::Expired as i32
+    );
+    let revived = bill
+        .upgrade_subscription(upgrade(&expiring.id, PAYG, &bill_token))
+        .await
+        .expect("upgrade an expired trial")
+        .into_inner();
+    assert_eq!(
+        (revived.id.as_str(), revived.state, revived.end_time),
+        (
+            expiring.id.as_str(),
+            bpb::SubscriptionState::Active as i32,
+            None
+        )
+    );
+
+    // Refusals.
+    let status = expect_err(
+        bill.upgrade_subscription(upgrade(&trial.id, "azure-ultra", &kelley))
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_eq!(details(&status).2, vec!["offer_id".to_owned()]);
+    expect_err(
+        bill.upgrade_subscription(upgrade(&trial.id, "office365-e3", &kelley))
+            .await,
+        Code::FailedPrecondition,
+        "UPGRADE_NOT_ALLOWED",
+    );
+    let office = bill
+        .create_subscription(authed(
+            bpb::CreateSubscriptionRequest {
+                offer_id: "office365-e3".into(),
+                display_name: "E3".into(),
+                seats: 2,
+                request_id: String::new(),
+            },
+            &kelley,
+        ))
+        .await
+        .expect("buy E3")
+        .into_inner();
+    expect_err(
+        bill.upgrade_subscription(upgrade(&office.id, PAYG, &kelley))
+            .await,
+        Code::FailedPrecondition,
+        "UPGRADE_NOT_ALLOWED",
+    );
+    let (_, tricia) = add_user(
+        &mut dir,
+        &contoso,
+        "tricia",
+        &[integration_tests::contract::directory::v1::Role::BillingAdministrator],
+    )
+    .await;
+    let dropped = buy(&mut bill, &tricia, TRIAL).await.expect("a trial");
+    bill.cancel_subscription(cancel(&dropped.id, &tricia))
+        .await
+        .expect("cancel");
+    expect_err(
+        bill.upgrade_subscription(upgrade(&dropped.id, PAYG, &tricia))
+            .await,
+        Code::FailedPrecondition,
+        "UPGRADE_NOT_ALLOWED",
+    );
+    let fabrikam = sign_up(&mut dir, "fabrikam").await;
+    expect_err(
+        bill.upgrade_subscription(upgrade(&trial.id, PAYG, &fabrikam.token))
+            .await,
+        Code::NotFound,
+        "SUBSCRIPTION_NOT_FOUND",
+    );
+}
+
+/// Upgrades and cancellations of one trial racing from 20 tasks end in one consistent
+/// state: cancelled, with exactly the changes of the calls that succeeded.
+async fn racing_upgrades_and_cancellations_end_in_one_state(backend: Backend) {
+    let Some(ddb) = TestDb::new(backend).await else {
+        return;
+    };
+    let Some(bdb) = TestDb::new(backend).await else {
+        return;
+    };
+    let clock = ManualClock::at(now_micros());
+    let directory = DirectoryServer::start(&ddb).await;
+    let billing = start_billing(&bdb, &directory, &clock).await;
+    let mut dir = directory.client().await;
+    let mut bill = billing.client().await;
+    let contoso = sign_up(&mut dir, "contoso").await;
+    let kelley = contoso.token.clone();
+    let trial = buy(&mut bill, &kelley, TRIAL).await.expect("a trial");
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let mut bill = bill.clone();
+            let (id, token) = (trial.id.clone(), kelley.clone());
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    bill.upgrade_subscription(upgrade(&id, PAYG, &token))
+                        .await
+                        .map(|r| ("upgrade", r.into_inner()))
+                } else {
+                    bill.cancel_subscription(cancel(&id, &token))
+                        .await
+                        .map(|r| ("cancel", r.into_inner()))
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+                assert_eq!(details(&status).0, "UPGRADE_NOT_ALLOWED");
+            }
+        }
+    }
+    let last = get(&mut bill, &kelley, &trial.id).await;
+    assert_eq!(last.state, bpb::SubscriptionState::Cancelled as i32);
+    use sqlx::Row as _;
+    let kinds: Vec<i64> = query_rows(&bdb.url, "SELECT kind, resource FROM changes ORDER BY seq")
+        .await
+        .iter()
+        .filter(|row| {
+            serde_json::from_str::<serde_json::Value>(&row.get::<String, _>("resource"))
+                .is_ok_and(|r| r["id"] == trial.id.as_str())
+        })
+        .map(|row| row.get("kind"))
+        .collect();
+    // Created; upgraded at most once, and only before the one cancellation.
+    let expected: &[i64] = if last.offer_id == PAYG {
+        &[2, 3, 4]
+    } else {
+        &[2, 4]
+    };
+    assert_eq!(kinds, expected, "{last:?}");
+}
+
+on_both_backends!(
+    a_trial_expires_at_its_end_time,
+    an_upgrade_keeps_the_subscription,
+    racing_upgrades_and_cancellations_end_in_one_state,
+);
 
 /// Two billing replicas on one PostgreSQL database, both recording trial ends: each end is
 /// recorded once, also when nobody reads the trial.

@@ -28,6 +28,8 @@ pub enum Error {
     SubscriptionNotActive,
     #[error("the subscription is not sold per seat")]
     NotPerSeat,
+    #[error("only an active or expired azure-free-trial can be upgraded, to azure-pay-as-you-go")]
+    UpgradeNotAllowed,
     #[error("the free trial has already been used by this user")]
     FreeTrialUsed,
     #[error("request_id was already used with different fields")]

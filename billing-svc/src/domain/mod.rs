@@ -371,6 +371,46 @@ impl Service {
         })
     }
 
+    /// Upgrades a free trial to pay-as-you-go, keeping its id, owner and directory (admins, or
+    /// its owner). One on the target offer already is returned as it is.
+    pub async fn upgrade_subscription(
+        &self,
+        caller: &Caller,
+        id: uuid::Uuid,
+        target: &'static Offer,
+    ) -> Result<Subscription> {
+        let subscription = self.visible(caller, id).await?;
+        if !(caller.allowed || subscription.owned_by(&caller.user_id)) {
+            return Err(Error::PermissionDenied(
+                "only its owner or a Global or Billing Administrator may upgrade this subscription"
+                    .into(),
+            ));
+        }
+        let trial = offers::CATALOGUE
+            .iter()
+            .find(|o| o.free_trial)
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("no free-trial offer")))?;
+        if target.id != offers::PAY_AS_YOU_GO {
+            return Err(Error::UpgradeNotAllowed);
+        }
+        match self
+            .store
+            .upgrade(&subscription.id, trial.id, target.id, self.now())
+            .await
+            .map_err(store_error)?
+        {
+            None => Err(Error::NotFound),
+            Some(model::Upgraded::Now(s) | model::Upgraded::Already(s)) => {
+                if s.offer.id == target.id {
+                    Ok(s.as_of(self.now()))
+                } else {
+                    Err(Error::UpgradeNotAllowed)
+                }
+            }
+            Some(model::Upgraded::NotConvertible) => Err(Error::UpgradeNotAllowed),
+        }
+    }
+
     /// Cancels a subscription (admins, or the owner of an Azure subscription). Cancelling a
     /// cancelled subscription returns it unchanged.
     pub async fn cancel_subscription(

@@ -129,6 +129,17 @@ pub enum Assigned {
     UserDeleted,
 }
 
+/// What the store did with an upgrade of a free trial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upgraded {
+    /// Upgraded now.
+    Now(Subscription),
+    /// On the target offer already: as it is.
+    Already(Subscription),
+    /// Not an active or expired free trial.
+    NotConvertible,
+}
+
 /// What the store did with a change of seats.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SeatsChanged {

@@ -29,6 +29,9 @@ pub struct Offer {
     pub free_trial: bool,
 }
 
+/// The offer a free trial is upgraded to.
+pub const PAY_AS_YOU_GO: &str = "azure-pay-as-you-go";
+
 /// The most seats one subscription may have.
 pub const MAX_SEATS: i32 = 1_000_000;
 

@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 
-use super::model::{Assigned, Assignment, License, SeatsChanged, Subscription};
+use super::model::{Assigned, Assignment, License, SeatsChanged, Subscription, Upgraded};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -54,6 +54,16 @@ pub trait BillingStore: Send + Sync + 'static {
     /// 365 subscription whose seats its pool's assigned licences need stays active:
     /// [`StoreError::LicensesInUse`].
     async fn cancel(&self, id: &str, now: i64) -> Result<Option<Subscription>, StoreError>;
+
+    /// Moves an active or expired free trial to `offer_id` (active, no end), recording a
+    /// `SUBSCRIPTION_UPDATED`, in one conditional statement. `None`: no such subscription.
+    async fn upgrade(
+        &self,
+        id: &str,
+        from_offer: &str,
+        to_offer: &str,
+        now: i64,
+    ) -> Result<Option<Upgraded>, StoreError>;
 
     /// Marks expired every active free trial whose `end_time` is at or before `now`, recording
     /// a `SUBSCRIPTION_UPDATED` for each in the same transaction; a trial is marked once,

@@ -7,7 +7,8 @@
 //! write guard until it has committed (and, on PostgreSQL, until every other replica's cache
 //! has dropped the subscription), so the next read sees it exactly as it would without the
 //! cache. A new subscription needs no invalidation (absent rows are never cached); a change
-//! of seats goes the way of a cancellation, and nothing else changes a stored subscription.
+//! of seats and an upgrade go the way of a cancellation; a trial's end needs none (reads
+//! show it from its `end_time` on), and nothing else changes a stored subscription.
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use storage::cache::{Invalidate, Lease, OwnedCache};
 use storage::database::PeerCaches;
 
 use super::{BillingStore, StoreError};
-use crate::domain::model::{Assigned, Assignment, License, SeatsChanged, Subscription};
+use crate::domain::model::{Assigned, Assignment, License, SeatsChanged, Subscription, Upgraded};
 
 pub struct CachedStore {
     inner: Arc<dyn BillingStore>,
@@ -101,6 +102,24 @@ impl BillingStore for CachedStore {
             .write_through(
                 id,
                 async move { inner.change_seats(&key, seats, now).await },
+            )
+            .await
+    }
+
+    /// As `cancel`.
+    async fn upgrade(
+        &self,
+        id: &str,
+        from_offer: &str,
+        to_offer: &str,
+        now: i64,
+    ) -> Result<Option<Upgraded>, StoreError> {
+        let (inner, key) = (self.inner.clone(), id.to_owned());
+        let (from, to) = (from_offer.to_owned(), to_offer.to_owned());
+        self.subscriptions
+            .write_through(
+                id,
+                async move { inner.upgrade(&key, &from, &to, now).await },
             )
             .await
     }

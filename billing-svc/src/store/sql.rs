@@ -19,7 +19,7 @@ mod licences;
 use super::changes;
 use super::{BillingStore, StoreError};
 use crate::domain::model::{
-    Assigned, Assignment, ChangeKind, License, SeatsChanged, State, Subscription,
+    Assigned, Assignment, ChangeKind, License, SeatsChanged, State, Subscription, Upgraded,
 };
 use crate::domain::offers;
 
@@ -308,6 +308,56 @@ impl BillingStore for SqlStore {
         now: i64,
     ) -> Result<Option<SeatsChanged>, StoreError> {
         self.set_seats(id, seats, now).await
+    }
+
+    /// One conditional `UPDATE` (a free trial not cancelled): of racing upgrades and
+    /// cancellations of one trial each finds the row as the previous one left it.
+    async fn upgrade(
+        &self,
+        id: &str,
+        from_offer: &str,
+        to_offer: &str,
+        now: i64,
+    ) -> Result<Option<Upgraded>, StoreError> {
+        let turn = self.writers.enter().await;
+        let mut tx = self.pool.begin().await?;
+        let upgraded = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE subscriptions SET offer_id = $1, state = $2, end_time = NULL \
+             WHERE id = $3 AND offer_id = $4 AND state <> $5 RETURNING {SELECT_COLUMNS}"
+        )))
+        .bind(to_offer)
+        .bind(State::Active.code())
+        .bind(id)
+        .bind(from_offer)
+        .bind(State::Cancelled.code())
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(subscription_from_row)
+        .transpose()?;
+        let Some(upgraded) = upgraded else {
+            tx.rollback().await?;
+            drop(turn);
+            return Ok(self.get(id).await?.map(|current| {
+                if current.offer.id == to_offer {
+                    Upgraded::Already(current)
+                } else {
+                    Upgraded::NotConvertible
+                }
+            }));
+        };
+        if self.peers.is_some() {
+            storage::peers::announce(&mut tx, SUBSCRIPTIONS, id).await?;
+        }
+        let change = changes::subscription(ChangeKind::SubscriptionUpdated, &upgraded, now)?;
+        self.outbox.record(&mut tx, &[change]).await?;
+        tx.commit().await?;
+        drop(turn);
+        self.outbox.committed();
+        if let Some(peers) = &self.peers {
+            peers.settle().await;
+        }
+        Ok(Some(Upgraded::Now(upgraded)))
     }
 
     /// One `UPDATE ... RETURNING` over the free-trial rows (the partial index of one trial

@@ -217,3 +217,22 @@ pub fn license(l: License) -> pb::License {
         consumed_units: units(l.consumed),
     }
 }
+
+pub fn upgrade(
+    req: &pb::UpgradeSubscriptionRequest,
+) -> Result<(uuid::Uuid, &'static Offer), Error> {
+    let mut v = Violations::new();
+    let id = v.check(fields::id("subscription_id", &req.subscription_id));
+    let offer = if req.offer_id.is_empty() {
+        v.push(Violation::new("offer_id", "is required"));
+        None
+    } else {
+        v.check(offers::find(&req.offer_id).ok_or_else(|| {
+            Violation::new(
+                "offer_id",
+                "is not an offer of the catalogue (see ListOffers)",
+            )
+        }))
+    };
+    done(v, || Some((id?, offer?)))
+}

@@ -255,6 +255,20 @@ impl pb::billing_service_server::BillingService for BillingApi {
         Ok(reply(convert::subscription(changed)))
     }
 
+    async fn upgrade_subscription(
+        &self,
+        request: Request<pb::UpgradeSubscriptionRequest>,
+    ) -> Reply<pb::Subscription> {
+        let caller = self.caller(&request, Check::Manage).await?;
+        let (id, offer) = convert::upgrade(request.get_ref()).map_err(to_status)?;
+        let upgraded = self
+            .service
+            .upgrade_subscription(&caller, id, offer)
+            .await
+            .map_err(to_status)?;
+        Ok(reply(convert::subscription(upgraded)))
+    }
+
     type WatchChangesStream = watch::ChangeStream;
 
     async fn watch_changes(

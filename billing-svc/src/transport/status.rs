@@ -26,6 +26,7 @@ pub fn to_status(err: Error) -> Status {
             "SUBSCRIPTION_NOT_PER_SEAT",
             vec![],
         ),
+        Error::UpgradeNotAllowed => (Code::FailedPrecondition, "UPGRADE_NOT_ALLOWED", vec![]),
         Error::FreeTrialUsed => (Code::FailedPrecondition, "FREE_TRIAL_ALREADY_USED", vec![]),
         Error::RequestIdReused => (Code::FailedPrecondition, "REQUEST_ID_REUSED", vec![]),
         Error::DirectoryUnavailable => (Code::Unavailable, "DIRECTORY_UNAVAILABLE", vec![]),
