@@ -128,13 +128,26 @@ async fn the_readme_walkthrough_works_as_written() {
             "missing {expected:?} in:\n{stdout}\n{stderr}"
         );
     }
-    // The retry with the same request_id returned the same subscription: the azure id appears
-    // in two CreateSubscription answers and once in the list, not a second Azure subscription.
+    // The retry with the same request_id returned the same subscription: the azure offer
+    // appears in two CreateSubscription answers, once in the list and once in the transfer's
+    // answer, never as a second Azure subscription.
     let azure_subscriptions = stdout
         .matches("\"offerId\": \"azure-pay-as-you-go\"")
         .count();
     assert_eq!(
-        azure_subscriptions, 3,
-        "two identical answers and one listed:\n{stdout}"
+        azure_subscriptions, 4,
+        "two identical answers, one listed, one transferred:\n{stdout}"
+    );
+    // The transfer's answer names Tricia as the owner.
+    let tricia_id = stdout
+        .split("\"userPrincipalName\": \"tricia@contoso.onmicrosoft.com\"")
+        .next()
+        .and_then(|before| before.rsplit("\"id\": \"").next())
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        !tricia_id.is_empty() && stdout.contains(&format!("\"ownerUserId\": \"{tricia_id}\"")),
+        "the transfer to Tricia:\n{stdout}"
     );
 }

@@ -1,7 +1,9 @@
-//! Free trials end (contract part two, section 4), on billing's manual clock and both
-//! engines: `end_time` on every free trial, EXPIRED in Get and List from that microsecond on,
-//! one `SUBSCRIPTION_UPDATED` on the feed when it ends (also when nobody reads it; once with
-//! two replicas on PostgreSQL), and the one-free-trial rule still holding after.
+//! Trials, upgrades and transfers (contract part two, section 4), on billing's manual clock
+//! and both engines: `end_time` on every free trial, EXPIRED in Get and List from that
+//! microsecond on, one `SUBSCRIPTION_UPDATED` on the feed when it ends (also when nobody reads
+//! it; once with two replicas on PostgreSQL), the one-free-trial rule still holding after;
+//! upgrades that keep the subscription; transfers to a colleague, visibility following the
+//! owner at once, and nothing written while the directory is down.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -433,8 +435,224 @@ async fn racing_upgrades_and_cancellations_end_in_one_state(backend: Backend) {
     assert_eq!(kinds, expected, "{last:?}");
 }
 
+fn transfer(
+    id: &str,
+    owner: &str,
+    token: &str,
+) -> tonic::Request<bpb::TransferSubscriptionRequest> {
+    authed(
+        bpb::TransferSubscriptionRequest {
+            subscription_id: id.into(),
+            new_owner_user_id: owner.into(),
+        },
+        token,
+    )
+}
+
+async fn a_transfer_hands_the_subscription_to_a_colleague(backend: Backend) {
+    use integration_tests::contract::directory::v1 as dpb;
+    let Some(ddb) = TestDb::new(backend).await else {
+        return;
+    };
+    let Some(bdb) = TestDb::new(backend).await else {
+        return;
+    };
+    let clock = ManualClock::at(now_micros());
+    let directory = DirectoryServer::start(&ddb).await;
+    let billing = start_billing(&bdb, &directory, &clock).await;
+    let mut dir = directory.client().await;
+    let mut bill = billing.client().await;
+    let contoso = sign_up(&mut dir, "contoso").await;
+    let kelley = contoso.token.clone();
+    let (tricia, tricia_token) = add_user(
+        &mut dir,
+        &contoso,
+        "tricia",
+        &[dpb::Role::BillingAdministrator],
+    )
+    .await;
+    let (jane, jane_token) = add_user(&mut dir, &contoso, "jane", &[]).await;
+    let (uma, _) = add_user(&mut dir, &contoso, "uma", &[]).await;
+
+    // Tricia buys Azure, then loses her role: as its owner she still may hand it on.
+    let azure = buy(&mut bill, &tricia_token, PAYG).await.expect("Azure");
+    dir.set_user_roles(authed(
+        dpb::SetUserRolesRequest {
+            user_id: tricia.id.clone(),
+            roles: vec![],
+        },
+        &kelley,
+    ))
+    .await
+    .expect("Tricia loses her role");
+    expect_err(
+        bill.transfer_subscription(transfer(&azure.id, &jane.id, &jane_token))
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    let moved = bill
+        .transfer_subscription(transfer(&azure.id, &jane.id, &tricia_token))
+        .await
+        .expect("Tricia hands it to Jane")
+        .into_inner();
+    assert_eq!(
+        (moved.id.as_str(), moved.owner_user_id.as_str()),
+        (azure.id.as_str(), jane.id.as_str())
+    );
+    // Visibility follows at once: Tricia no longer sees it, Jane does.
+    expect_err(
+        bill.get_subscription(authed(
+            bpb::GetSubscriptionRequest {
+                subscription_id: azure.id.clone(),
+            },
+            &tricia_token,
+        ))
+        .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    let listed = |token: String| {
+        let mut bill = bill.clone();
+        async move {
+            bill.list_subscriptions(authed(
+                bpb::ListSubscriptionsRequest {
+                    page_size: 100,
+                    page_token: String::new(),
+                },
+                &token,
+            ))
+            .await
+            .expect("list")
+            .into_inner()
+            .subscriptions
+            .into_iter()
+            .map(|s| s.id)
+            .collect::<Vec<_>>()
+        }
+    };
+    assert!(!listed(tricia_token.clone()).await.contains(&azure.id));
+    assert!(listed(jane_token.clone()).await.contains(&azure.id));
+    assert_eq!(get(&mut bill, &jane_token, &azure.id).await, moved);
+    // To the current owner: unchanged, nothing recorded.
+    let same = bill
+        .transfer_subscription(transfer(&azure.id, &jane.id, &kelley))
+        .await
+        .expect("to the owner it has")
+        .into_inner();
+    assert_eq!(same, moved);
+    assert_eq!(updates_of(&bdb.url, &azure.id).await, 1);
+
+    // Refusals: a user of another directory answers like an unknown one; Office 365 belongs
+    // to the directory; trials and cancelled subscriptions stay where they are.
+    let fabrikam = sign_up(&mut dir, "fabrikam").await;
+    let foreign = expect_err(
+        bill.transfer_subscription(transfer(&azure.id, &fabrikam.admin.id, &kelley))
+            .await,
+        Code::NotFound,
+        "USER_NOT_FOUND",
+    );
+    let unknown = expect_err(
+        bill.transfer_subscription(transfer(
+            &azure.id,
+            &uuid::Uuid::new_v4().to_string(),
+            &kelley,
+        ))
+        .await,
+        Code::NotFound,
+        "USER_NOT_FOUND",
+    );
+    assert_eq!(foreign.message(), unknown.message());
+    let office = bill
+        .create_subscription(authed(
+            bpb::CreateSubscriptionRequest {
+                offer_id: "office365-e3".into(),
+                display_name: "E3".into(),
+                seats: 1,
+                request_id: String::new(),
+            },
+            &kelley,
+        ))
+        .await
+        .expect("E3")
+        .into_inner();
+    expect_err(
+        bill.transfer_subscription(transfer(&office.id, &uma.id, &kelley))
+            .await,
+        Code::FailedPrecondition,
+        "DIRECTORY_OWNED",
+    );
+    let trial = buy(&mut bill, &kelley, TRIAL).await.expect("a trial");
+    expect_err(
+        bill.transfer_subscription(transfer(&trial.id, &uma.id, &kelley))
+            .await,
+        Code::FailedPrecondition,
+        "TRANSFER_NOT_ALLOWED",
+    );
+    let status = expect_err(
+        bill.transfer_subscription(transfer(&azure.id, "uma", &kelley))
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_eq!(details(&status).2, vec!["new_owner_user_id".to_owned()]);
+    bill.cancel_subscription(cancel(&azure.id, &kelley))
+        .await
+        .expect("cancel");
+    expect_err(
+        bill.transfer_subscription(transfer(&azure.id, &uma.id, &kelley))
+            .await,
+        Code::FailedPrecondition,
+        "TRANSFER_NOT_ALLOWED",
+    );
+}
+
+/// A transfer while the directory does not answer is refused and writes nothing.
+async fn a_transfer_while_the_directory_is_down_writes_nothing(backend: Backend) {
+    let Some(ddb) = TestDb::new(backend).await else {
+        return;
+    };
+    let Some(bdb) = TestDb::new(backend).await else {
+        return;
+    };
+    let clock = ManualClock::at(now_micros());
+    let directory = DirectoryServer::start(&ddb).await;
+    let billing = start_billing(&bdb, &directory, &clock).await;
+    let mut dir = directory.client().await;
+    let mut bill = billing.client().await;
+    let contoso = sign_up(&mut dir, "contoso").await;
+    let kelley = contoso.token.clone();
+    let (jane, _) = add_user(&mut dir, &contoso, "jane", &[]).await;
+    let azure = buy(&mut bill, &kelley, PAYG).await.expect("Azure");
+    drop(dir);
+    directory.stop().await;
+    let mut request = transfer(&azure.id, &jane.id, &kelley);
+    request.set_timeout(Duration::from_secs(3));
+    let status = bill
+        .transfer_subscription(request)
+        .await
+        .expect_err("the directory is down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    use sqlx::Row as _;
+    let owners: Vec<String> = query_rows(
+        &bdb.url,
+        &format!(
+            "SELECT owner_user_id FROM subscriptions WHERE id = '{}'",
+            azure.id
+        ),
+    )
+    .await
+    .iter()
+    .map(|row| row.get("owner_user_id"))
+    .collect();
+    assert_eq!(owners, vec![contoso.admin.id.clone()]);
+    assert_eq!(updates_of(&bdb.url, &azure.id).await, 0);
+}
+
 on_both_backends!(
     a_trial_expires_at_its_end_time,
+    a_transfer_hands_the_subscription_to_a_colleague,
+    a_transfer_while_the_directory_is_down_writes_nothing,
     an_upgrade_keeps_the_subscription,
     racing_upgrades_and_cancellations_end_in_one_state,
 );

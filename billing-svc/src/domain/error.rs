@@ -30,6 +30,10 @@ pub enum Error {
     NotPerSeat,
     #[error("only an active or expired azure-free-trial can be upgraded, to azure-pay-as-you-go")]
     UpgradeNotAllowed,
+    #[error("an Office 365 subscription belongs to its directory and has no owner to change")]
+    DirectoryOwned,
+    #[error("only an active azure-pay-as-you-go subscription can be transferred")]
+    TransferNotAllowed,
     #[error("the free trial has already been used by this user")]
     FreeTrialUsed,
     #[error("request_id was already used with different fields")]

@@ -411,6 +411,50 @@ impl Service {
         }
     }
 
+    /// Gives an Azure pay-as-you-go subscription a new owner (admins, or its current owner;
+    /// `caller` from [`Check::Manage`], asked whether the new owner is an active user of the
+    /// directory). To the current owner it is returned as it is.
+    pub async fn transfer_subscription(
+        &self,
+        caller: &Caller,
+        id: uuid::Uuid,
+        new_owner: uuid::Uuid,
+    ) -> Result<Subscription> {
+        let subscription = self.visible(caller, id).await?;
+        if !(caller.allowed || subscription.owned_by(&caller.user_id)) {
+            return Err(Error::PermissionDenied(
+                "only its owner or a Global or Billing Administrator may transfer this subscription"
+                    .into(),
+            ));
+        }
+        if subscription.offer.owner == OwnerType::Directory {
+            return Err(Error::DirectoryOwned);
+        }
+        if subscription.offer.id != offers::PAY_AS_YOU_GO || subscription.state != State::Active {
+            return Err(Error::TransferNotAllowed);
+        }
+        if !caller.subject_active {
+            return Err(Error::UserNotFound);
+        }
+        match self
+            .store
+            .transfer(
+                &subscription.id,
+                offers::PAY_AS_YOU_GO,
+                &new_owner.to_string(),
+                self.now(),
+            )
+            .await
+            .map_err(store_error)?
+        {
+            None => Err(Error::NotFound),
+            Some(model::Transferred::Now(s) | model::Transferred::Already(s)) => {
+                Ok(s.as_of(self.now()))
+            }
+            Some(model::Transferred::NotTransferable(_)) => Err(Error::TransferNotAllowed),
+        }
+    }
+
     /// Cancels a subscription (admins, or the owner of an Azure subscription). Cancelling a
     /// cancelled subscription returns it unchanged.
     pub async fn cancel_subscription(

@@ -140,6 +140,17 @@ pub enum Upgraded {
     NotConvertible,
 }
 
+/// What the store did with a transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transferred {
+    /// To the new owner now.
+    Now(Subscription),
+    /// Owned by them already: as it is.
+    Already(Subscription),
+    /// Not an active pay-as-you-go subscription.
+    NotTransferable(Subscription),
+}
+
 /// What the store did with a change of seats.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SeatsChanged {

@@ -4,7 +4,9 @@
 
 use async_trait::async_trait;
 
-use super::model::{Assigned, Assignment, License, SeatsChanged, Subscription, Upgraded};
+use super::model::{
+    Assigned, Assignment, License, SeatsChanged, Subscription, Transferred, Upgraded,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -64,6 +66,16 @@ pub trait BillingStore: Send + Sync + 'static {
         to_offer: &str,
         now: i64,
     ) -> Result<Option<Upgraded>, StoreError>;
+
+    /// Gives an active subscription of `offer_id` the owner `new_owner` (recording a
+    /// `SUBSCRIPTION_UPDATED`), in one conditional statement. `None`: no such subscription.
+    async fn transfer(
+        &self,
+        id: &str,
+        offer_id: &str,
+        new_owner: &str,
+        now: i64,
+    ) -> Result<Option<Transferred>, StoreError>;
 
     /// Marks expired every active free trial whose `end_time` is at or before `now`, recording
     /// a `SUBSCRIPTION_UPDATED` for each in the same transaction; a trial is marked once,

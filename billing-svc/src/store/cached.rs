@@ -7,7 +7,7 @@
 //! write guard until it has committed (and, on PostgreSQL, until every other replica's cache
 //! has dropped the subscription), so the next read sees it exactly as it would without the
 //! cache. A new subscription needs no invalidation (absent rows are never cached); a change
-//! of seats and an upgrade go the way of a cancellation; a trial's end needs none (reads
+//! of seats, an upgrade and a transfer go the way of a cancellation; a trial's end needs none (reads
 //! show it from its `end_time` on), and nothing else changes a stored subscription.
 
 use std::sync::Arc;
@@ -17,7 +17,9 @@ use storage::cache::{Invalidate, Lease, OwnedCache};
 use storage::database::PeerCaches;
 
 use super::{BillingStore, StoreError};
-use crate::domain::model::{Assigned, Assignment, License, SeatsChanged, Subscription, Upgraded};
+use crate::domain::model::{
+    Assigned, Assignment, License, SeatsChanged, Subscription, Transferred, Upgraded,
+};
 
 pub struct CachedStore {
     inner: Arc<dyn BillingStore>,
@@ -121,6 +123,23 @@ impl BillingStore for CachedStore {
                 id,
                 async move { inner.upgrade(&key, &from, &to, now).await },
             )
+            .await
+    }
+
+    /// As `cancel`: the next read, on any replica, sees the new owner.
+    async fn transfer(
+        &self,
+        id: &str,
+        offer_id: &str,
+        new_owner: &str,
+        now: i64,
+    ) -> Result<Option<Transferred>, StoreError> {
+        let (inner, key) = (self.inner.clone(), id.to_owned());
+        let (offer, owner) = (offer_id.to_owned(), new_owner.to_owned());
+        self.subscriptions
+            .write_through(id, async move {
+                inner.transfer(&key, &offer, &owner, now).await
+            })
             .await
     }
 

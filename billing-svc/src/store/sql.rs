@@ -19,7 +19,8 @@ mod licences;
 use super::changes;
 use super::{BillingStore, StoreError};
 use crate::domain::model::{
-    Assigned, Assignment, ChangeKind, License, SeatsChanged, State, Subscription, Upgraded,
+    Assigned, Assignment, ChangeKind, License, SeatsChanged, State, Subscription, Transferred,
+    Upgraded,
 };
 use crate::domain::offers;
 
@@ -358,6 +359,58 @@ impl BillingStore for SqlStore {
             peers.settle().await;
         }
         Ok(Some(Upgraded::Now(upgraded)))
+    }
+
+    /// One conditional `UPDATE` (active, of the offer, owned by someone else).
+    async fn transfer(
+        &self,
+        id: &str,
+        offer_id: &str,
+        new_owner: &str,
+        now: i64,
+    ) -> Result<Option<Transferred>, StoreError> {
+        let turn = self.writers.enter().await;
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE subscriptions SET owner_user_id = $1 \
+             WHERE id = $2 AND offer_id = $3 AND state = $4 AND owner_user_id <> $1 \
+             RETURNING {SELECT_COLUMNS}"
+        )))
+        .bind(new_owner)
+        .bind(id)
+        .bind(offer_id)
+        .bind(State::Active.code())
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(subscription_from_row)
+        .transpose()?;
+        let Some(moved) = moved else {
+            tx.rollback().await?;
+            drop(turn);
+            return Ok(self.get(id).await?.map(|current| {
+                if current.owned_by(new_owner)
+                    && current.offer.id == offer_id
+                    && current.state == State::Active
+                {
+                    Transferred::Already(current)
+                } else {
+                    Transferred::NotTransferable(current)
+                }
+            }));
+        };
+        if self.peers.is_some() {
+            storage::peers::announce(&mut tx, SUBSCRIPTIONS, id).await?;
+        }
+        let change = changes::subscription(ChangeKind::SubscriptionUpdated, &moved, now)?;
+        self.outbox.record(&mut tx, &[change]).await?;
+        tx.commit().await?;
+        drop(turn);
+        self.outbox.committed();
+        if let Some(peers) = &self.peers {
+            peers.settle().await;
+        }
+        Ok(Some(Transferred::Now(moved)))
     }
 
     /// One `UPDATE ... RETURNING` over the free-trial rows (the partial index of one trial

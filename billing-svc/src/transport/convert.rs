@@ -236,3 +236,10 @@ pub fn upgrade(
     };
     done(v, || Some((id?, offer?)))
 }
+
+pub fn transfer(req: &pb::TransferSubscriptionRequest) -> Result<(uuid::Uuid, uuid::Uuid), Error> {
+    let mut v = Violations::new();
+    let id = v.check(fields::id("subscription_id", &req.subscription_id));
+    let owner = v.check(fields::id("new_owner_user_id", &req.new_owner_user_id));
+    done(v, || Some((id?, owner?)))
+}

@@ -269,6 +269,24 @@ impl pb::billing_service_server::BillingService for BillingApi {
         Ok(reply(convert::subscription(upgraded)))
     }
 
+    async fn transfer_subscription(
+        &self,
+        request: Request<pb::TransferSubscriptionRequest>,
+    ) -> Reply<pb::Subscription> {
+        let fields = convert::transfer(request.get_ref());
+        // A bad token answers before a bad field; the directory is asked about the new owner
+        // in the same call when the id is one.
+        let subject = fields.as_ref().ok().map(|(_, owner)| *owner);
+        let caller = self.caller_about(&request, Check::Manage, subject).await?;
+        let (id, owner) = fields.map_err(to_status)?;
+        let moved = self
+            .service
+            .transfer_subscription(&caller, id, owner)
+            .await
+            .map_err(to_status)?;
+        Ok(reply(convert::subscription(moved)))
+    }
+
     type WatchChangesStream = watch::ChangeStream;
 
     async fn watch_changes(

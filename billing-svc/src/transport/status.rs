@@ -27,6 +27,8 @@ pub fn to_status(err: Error) -> Status {
             vec![],
         ),
         Error::UpgradeNotAllowed => (Code::FailedPrecondition, "UPGRADE_NOT_ALLOWED", vec![]),
+        Error::DirectoryOwned => (Code::FailedPrecondition, "DIRECTORY_OWNED", vec![]),
+        Error::TransferNotAllowed => (Code::FailedPrecondition, "TRANSFER_NOT_ALLOWED", vec![]),
         Error::FreeTrialUsed => (Code::FailedPrecondition, "FREE_TRIAL_ALREADY_USED", vec![]),
         Error::RequestIdReused => (Code::FailedPrecondition, "REQUEST_ID_REUSED", vec![]),
         Error::DirectoryUnavailable => (Code::Unavailable, "DIRECTORY_UNAVAILABLE", vec![]),
