@@ -362,6 +362,14 @@ async fn an_upgrade_keeps_the_subscription(backend: Backend) {
         Code::FailedPrecondition,
         "UPGRADE_NOT_ALLOWED",
     );
+    // The one free trial stays used after a cancellation too.
+    assert_eq!(
+        buy(&mut bill, &tricia, TRIAL)
+            .await
+            .expect_err("one free trial")
+            .code(),
+        Code::FailedPrecondition
+    );
     let fabrikam = sign_up(&mut dir, "fabrikam").await;
     expect_err(
         bill.upgrade_subscription(upgrade(&trial.id, PAYG, &fabrikam.token))
