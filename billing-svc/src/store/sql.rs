@@ -137,6 +137,31 @@ impl SqlStore {
         Ok(())
     }
 
+    /// Ends a write that changed stored subscriptions (`ids`): announces them to the peers in
+    /// its transaction (PostgreSQL), records `changes`, commits, lets the writers' turn go,
+    /// wakes the feed, and waits until every replica's cache has dropped them.
+    async fn commit_changed(
+        &self,
+        mut tx: sqlx::Transaction<'_, Any>,
+        turn: Option<tokio::sync::SemaphorePermit<'_>>,
+        ids: &[&str],
+        changes: &[storage::feed::NewChange],
+    ) -> Result<(), StoreError> {
+        if self.peers.is_some() {
+            for id in ids {
+                storage::peers::announce(&mut tx, SUBSCRIPTIONS, id).await?;
+            }
+        }
+        self.outbox.record(&mut tx, changes).await?;
+        tx.commit().await?;
+        drop(turn);
+        self.outbox.committed();
+        if let Some(peers) = &self.peers {
+            peers.settle().await;
+        }
+        Ok(())
+    }
+
     /// Announces every cancellation to `peers` and waits for them before answering.
     pub fn with_peers(self, peers: Arc<Peers>) -> Self {
         Self {
@@ -347,17 +372,8 @@ impl BillingStore for SqlStore {
                 }
             }));
         };
-        if self.peers.is_some() {
-            storage::peers::announce(&mut tx, SUBSCRIPTIONS, id).await?;
-        }
         let change = changes::subscription(ChangeKind::SubscriptionUpdated, &upgraded, now)?;
-        self.outbox.record(&mut tx, &[change]).await?;
-        tx.commit().await?;
-        drop(turn);
-        self.outbox.committed();
-        if let Some(peers) = &self.peers {
-            peers.settle().await;
-        }
+        self.commit_changed(tx, turn, &[id], &[change]).await?;
         Ok(Some(Upgraded::Now(upgraded)))
     }
 
@@ -399,17 +415,8 @@ impl BillingStore for SqlStore {
                 }
             }));
         };
-        if self.peers.is_some() {
-            storage::peers::announce(&mut tx, SUBSCRIPTIONS, id).await?;
-        }
         let change = changes::subscription(ChangeKind::SubscriptionUpdated, &moved, now)?;
-        self.outbox.record(&mut tx, &[change]).await?;
-        tx.commit().await?;
-        drop(turn);
-        self.outbox.committed();
-        if let Some(peers) = &self.peers {
-            peers.settle().await;
-        }
+        self.commit_changed(tx, turn, &[id], &[change]).await?;
         Ok(Some(Transferred::Now(moved)))
     }
 
@@ -437,24 +444,12 @@ impl BillingStore for SqlStore {
             .iter()
             .map(subscription_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut recorded = Vec::with_capacity(ended.len());
-        for subscription in &ended {
-            if self.peers.is_some() {
-                storage::peers::announce(&mut tx, SUBSCRIPTIONS, &subscription.id).await?;
-            }
-            recorded.push(changes::subscription(
-                ChangeKind::SubscriptionUpdated,
-                subscription,
-                now,
-            )?);
-        }
-        self.outbox.record(&mut tx, &recorded).await?;
-        tx.commit().await?;
-        drop(turn);
-        self.outbox.committed();
-        if let Some(peers) = &self.peers {
-            peers.settle().await;
-        }
+        let recorded = ended
+            .iter()
+            .map(|s| changes::subscription(ChangeKind::SubscriptionUpdated, s, now))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<&str> = ended.iter().map(|s| s.id.as_str()).collect();
+        self.commit_changed(tx, turn, &ids, &recorded).await?;
         Ok(ended.len())
     }
 

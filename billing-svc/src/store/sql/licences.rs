@@ -221,17 +221,8 @@ impl SqlStore {
             .execute(&mut *tx)
             .await?;
         let changed = crate::domain::model::Subscription { seats, ..current };
-        if self.peers.is_some() {
-            storage::peers::announce(&mut tx, super::SUBSCRIPTIONS, id).await?;
-        }
         let change = changes::subscription(ChangeKind::SubscriptionUpdated, &changed, now)?;
-        self.outbox.record(&mut tx, &[change]).await?;
-        tx.commit().await?;
-        drop(turn);
-        self.outbox.committed();
-        if let Some(peers) = &self.peers {
-            peers.settle().await;
-        }
+        self.commit_changed(tx, turn, &[id], &[change]).await?;
         Ok(Some(SeatsChanged::Changed(changed)))
     }
 }
